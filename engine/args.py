@@ -1,0 +1,181 @@
+"""Command-line flags: every flag of HF's run_wav2vec2_pretraining_no_trainer.py (same names, meanings,
+defaults), ours, and DeepSpeed's own (`deepspeed.add_config_arguments`, `--local_rank`).
+
+`validate_args` refuses bad combinations before any data is read or any GPU work starts; every message
+names the flag.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+
+from transformers import SchedulerType
+
+from engine import data as data_module
+
+SCHEDULERS = ["linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup"]
+ZERO_STAGES = (0, 1, 2, 3)
+OFFLOADS = ("none", "optimizer", "all")
+PRECISIONS = ("auto", "bf16", "fp16", "fp32")
+
+
+class ArgError(ValueError):
+    """A bad flag or flag combination; the message names the flag."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="pretrain.py",
+        description="Pre-train a wav2vec 2.0 model on unlabeled audio with DeepSpeed "
+                    "(drop-in for HF's run_wav2vec2_pretraining_no_trainer.py).",
+        conflict_handler="resolve",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    hf = p.add_argument_group("HF example flags (same names, meanings and defaults)")
+    a = hf.add_argument
+    a("--dataset_name", type=str, default=None,
+      help="Dataset to use via the datasets library (hub name, local dataset dir or builder). "
+           "Alternatively use --train_dir / --train_manifest.")
+    a("--dataset_config_names", nargs="+", type=str, default=None,
+      help="Configuration names of the dataset, one per split in --dataset_split_names.")
+    a("--dataset_split_names", nargs="+", type=str, default=None,
+      help="Training split names; config/split pairs are concatenated (and shuffled with --seed).")
+    a("--preprocessing_num_workers", type=int, default=None, help="Processes for preprocessing (listing, probing).")
+    a("--overwrite_cache", action="store_true", help="Rebuild the cached training and evaluation index.")
+    a("--preprocessing_only", action="store_true",
+      help="Only build the cached, filtered data index (run this non-distributed before a multi-GPU run).")
+    a("--cache_dir", type=str, default=None, help="Where datasets and hub configs are cached.")
+    a("--validation_split_percentage", type=int, default=1,
+      help="Percentage of the training data held out for validation when no validation set is given.")
+    a("--logging_steps", type=int, default=500, help="Optimizer steps between logged metrics.")
+    a("--saving_steps", type=int, default=500, help="Optimizer steps between checkpoints.")
+    a("--audio_column_name", type=str, default="audio", help="Dataset column holding the audio.")
+    a("--model_name_or_path", type=str, default=None,
+      help="Preset (demo, base, large, xlsr-300m, xlsr-1b, xlsr-2b), local dir with config.json, or hub id. "
+           "The model is initialized at random from this config, as in the HF example.")
+    a("--config_name", type=str, default=None, help="Config (preset, dir or hub id) if not the same as the model's.")
+    a("--train_cache_file_name", type=str, default=None, help="File for the cached training index.")
+    a("--validation_cache_file_name", type=str, default=None, help="File for the cached validation index.")
+    a("--per_device_train_batch_size", type=int, default=8, help="Utterances per device per micro-batch.")
+    a("--per_device_eval_batch_size", type=int, default=8, help="Utterances per device per eval batch.")
+    a("--learning_rate", type=float, default=5e-5, help="Peak learning rate (after warmup).")
+    a("--weight_decay", type=float, default=0.0,
+      help="AdamW weight decay (applied to weights, not to biases and norm scales).")
+    a("--num_train_epochs", type=int, default=3, help="Epochs to train, unless --max_train_steps is given.")
+    a("--max_train_steps", type=int, default=None, help="Optimizer steps to train; overrides --num_train_epochs.")
+    a("--gradient_accumulation_steps", type=int, default=1, help="Micro-batches per optimizer step.")
+    a("--gradient_checkpointing", action="store_true", help="Recompute activations in backward to save memory.")
+    a("--lr_scheduler_type", type=SchedulerType, default="linear", choices=[SchedulerType(s) for s in SCHEDULERS],
+      help="Learning-rate schedule (transformers' get_scheduler).")
+    a("--num_warmup_steps", type=int, default=0, help="Warmup steps of the lr schedule.")
+    a("--output_dir", type=str, default=None, help="Where checkpoints, logs and the final model go (required).")
+    a("--seed", type=int, default=0, help="Seed for model init, data order and masking.")
+    a("--max_gumbel_temperature", type=float, default=2.0, help="Gumbel softmax temperature at step 0.")
+    a("--min_gumbel_temperature", type=float, default=0.5, help="Floor of the gumbel temperature.")
+    a("--gumbel_temperature_decay", type=float, default=0.999995, help="Temperature multiplier per optimizer step.")
+    a("--max_duration_in_seconds", type=float, default=5.0, help="Drop utterances longer than this.")
+    a("--min_duration_in_seconds", type=float, default=3.0, help="Drop utterances shorter than this.")
+    a("--pad_to_multiple_of", type=int, default=None, help="Pad each batch's length to a multiple of this (samples).")
+    a("--adam_beta1", type=float, default=0.9, help="AdamW beta1.")
+    a("--adam_beta2", type=float, default=0.999, help="AdamW beta2.")
+    a("--adam_epsilon", type=float, default=1e-8, help="AdamW epsilon.")
+    a("--push_to_hub", action="store_true", help="Push the final model to the hub (checked before training).")
+    a("--hub_model_id", type=str, default=None, help="Hub repo to push to (default: output_dir's name).")
+    a("--hub_token", type=str, default=None, help="Hub token for --push_to_hub.")
+    a("--mask_time_prob", type=float, default=None,
+      help="Fraction of frames that start a masked span (before overlap); default: the model config's.")
+    a("--mask_time_length", type=int, default=None, help="Masked span length in frames; default: the config's.")
+
+    ours = p.add_argument_group("engine flags")
+    o = ours.add_argument
+    o("--mask_time_min_masks", type=int, default=0,
+      help="Minimum masked spans per utterance (the HF example uses 0).")
+    o("--num_negatives", type=int, default=None, help="Distractors per masked frame; default: the config's (100).")
+    o("--report_to", type=str, default="none", choices=["none", "wandb"],
+      help="Also log to this tracker (metrics always go to output_dir/metrics.jsonl).")
+    o("--resume", nargs="?", const="latest", default=None, metavar="CHECKPOINT",
+      help="Resume from output_dir's latest checkpoint, or from the given checkpoint directory.")
+    o("--zero_stage", type=int, default=None, choices=ZERO_STAGES,
+      help="ZeRO stage; picks ds_configs/zero<N>.json (default 2 unless --deepspeed FILE is given).")
+    o("--offload", type=str, default=None, choices=OFFLOADS,
+      help="CPU offload: optimizer states (ZeRO 1-3) or optimizer states and parameters (ZeRO 3).")
+    o("--precision", type=str, default="auto", choices=PRECISIONS,
+      help="auto = bf16 on GPUs that support it, else fp32. fp16 needs a GPU.")
+    o("--max_grad_norm", type=float, default=0.0,
+      help="Clip the global gradient norm to this (0 = no clipping, as in the HF example).")
+    o("--eval_steps", type=int, default=None,
+      help="Optimizer steps between evaluations (default: at the end of each epoch, as the HF example).")
+    o("--keep_last_checkpoints", type=int, default=2, help="DeepSpeed checkpoints kept in output_dir/checkpoints.")
+    o("--attn_implementation", type=str, default=None, choices=["eager", "sdpa"],
+      help="Attention kernel of the transformers model (default: transformers' choice).")
+    data_module.add_data_args(p)
+
+    ds = p.add_argument_group("DeepSpeed flags")
+    import deepspeed  # heavy import; keep it out of module import time
+    deepspeed.add_config_arguments(p)
+    # DeepSpeed's --deepspeed is a bare switch; we also accept a config path after it (`--deepspeed cfg.json`).
+    ds.add_argument("--deepspeed", nargs="?", const=True, default=False, metavar="CONFIG",
+                    help="Use DeepSpeed with this config file (or bare, with --deepspeed_config).")
+    ds.add_argument("--local_rank", type=int, default=int(os.environ.get("LOCAL_RANK", -1)),
+                    help="Set by the deepspeed launcher.")
+    return p
+
+
+def deepspeed_config_path(args) -> str | None:
+    """The config file the user named, through `--deepspeed FILE` or `--deepspeed_config FILE`."""
+    if isinstance(args.deepspeed, str):
+        return args.deepspeed
+    return getattr(args, "deepspeed_config", None)
+
+
+def validate_args(args) -> None:
+    """Refuse what cannot work, before any data is read or any device work starts."""
+    if args.model_name_or_path is None and args.config_name is None:
+        raise ArgError("--model_name_or_path is required (a preset such as 'base', a model dir or a hub id)")
+    if not args.preprocessing_only and not args.output_dir:
+        raise ArgError("--output_dir is required: checkpoints, metrics and the final model are written there")
+    if not (args.dataset_name or getattr(args, "train_dir", None) or getattr(args, "train_manifest", None)):
+        raise ArgError("missing dataset: pass --dataset_name, --train_dir or --train_manifest")
+    if args.dataset_name and args.dataset_config_names and args.dataset_split_names \
+            and len(args.dataset_config_names) != len(args.dataset_split_names):
+        raise ArgError(f"--dataset_config_names has {len(args.dataset_config_names)} names but "
+                       f"--dataset_split_names has {len(args.dataset_split_names)}; they are paired one to one")
+    positive = ["per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps",
+                "logging_steps", "saving_steps", "num_train_epochs"]
+    for name in positive:
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            raise ArgError(f"--{name} must be >= 1, got {getattr(args, name)}")
+    if args.max_train_steps is not None and args.max_train_steps < 1:
+        raise ArgError(f"--max_train_steps must be >= 1, got {args.max_train_steps}")
+    if args.learning_rate <= 0:
+        raise ArgError(f"--learning_rate must be > 0, got {args.learning_rate}")
+    if args.min_duration_in_seconds > args.max_duration_in_seconds:
+        raise ArgError(f"--min_duration_in_seconds ({args.min_duration_in_seconds}) is larger than "
+                       f"--max_duration_in_seconds ({args.max_duration_in_seconds})")
+    if args.mask_time_prob is not None and not 0.0 <= args.mask_time_prob <= 1.0:
+        raise ArgError(f"--mask_time_prob must be in [0, 1], got {args.mask_time_prob}")
+    if args.mask_time_length is not None and args.mask_time_length < 1:
+        raise ArgError(f"--mask_time_length must be >= 1, got {args.mask_time_length}")
+    if args.num_negatives is not None and args.num_negatives < 1:
+        raise ArgError(f"--num_negatives must be >= 1, got {args.num_negatives}")
+    if not 0 < args.min_gumbel_temperature <= args.max_gumbel_temperature:
+        raise ArgError("--min_gumbel_temperature must be > 0 and <= --max_gumbel_temperature")
+    if args.offload not in (None, "none") and args.zero_stage == 0:
+        raise ArgError(f"--offload {args.offload} needs ZeRO: use --zero_stage 1, 2 or 3 (stage 0 cannot offload)")
+    if args.offload == "all" and args.zero_stage not in (None, 3):
+        raise ArgError(f"--offload all (parameters too) needs --zero_stage 3, got --zero_stage {args.zero_stage}")
+    cfg = deepspeed_config_path(args)
+    if cfg is not None and not os.path.isfile(cfg):
+        raise ArgError(f"--deepspeed: config file {cfg!r} does not exist")
+    if args.push_to_hub and not args.output_dir:
+        raise ArgError("--push_to_hub needs --output_dir")
+    if args.resume not in (None, "latest") and not os.path.isdir(args.resume):
+        raise ArgError(f"--resume: {args.resume!r} is not a checkpoint directory")
+    if args.output_dir and os.path.isfile(args.output_dir):
+        raise ArgError(f"--output_dir {args.output_dir!r} is a file")
+
+
+def parse_args(argv: list[str] | None = None):
+    args = build_parser().parse_args(argv)
+    validate_args(args)
+    return args

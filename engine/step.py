@@ -1,0 +1,130 @@
+"""One micro-step of wav2vec 2.0 pre-training, the seed's semantics on the model's device.
+
+    batch (CPU) --prepare--> device tensors + span mask + negatives --forward--> summed losses
+    --scale--> loss_for_backward = loss_sum * world_size / masked_frames_all_ranks
+
+The seed multiplies the gradients by world_size / num_losses after each backward (num_losses summed over
+ranks), and DDP averages over ranks. Scaling the loss instead gives the same gradient for a micro-step
+and works with every ZeRO stage (DeepSpeed averages over ranks and divides by the accumulation steps
+itself). Unlike the seed, gradients of earlier micro-batches are not rescaled again by later ones.
+
+Nothing here synchronizes with the host: statistics are returned as device tensors and read only
+when they are logged.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from engine.masking import compute_span_mask, sample_negatives
+from engine.models import conv_output_length
+
+
+@dataclass(frozen=True)
+class MaskingSpec:
+    mask_prob: float
+    mask_length: int
+    min_masks: int
+    num_negatives: int
+
+    @classmethod
+    def from_args(cls, args, config) -> "MaskingSpec":
+        """Flags win over the model config (the seed: `config.mask_time_prob if flag is None`)."""
+        pick = lambda flag, default: default if flag is None else flag  # noqa: E731
+        return cls(mask_prob=pick(args.mask_time_prob, config.mask_time_prob),
+                   mask_length=pick(args.mask_time_length, config.mask_time_length),
+                   min_masks=args.mask_time_min_masks,
+                   num_negatives=pick(args.num_negatives, config.num_negatives))
+
+
+class PretrainStep:
+    """Turns CPU batches into model inputs and the scaled loss. `module` is the bare HF model."""
+
+    def __init__(self, module, spec: MaskingSpec, device: torch.device, *, world_size: int = 1,
+                 generator: torch.Generator | None = None):
+        self.module = module
+        self.config = module.config
+        self.spec = spec
+        self.device = device
+        self.world_size = world_size
+        self.generator = generator
+
+    def prepare(self, batch: dict) -> dict:
+        """Device tensors for the model: inputs, attention mask, span mask and negatives."""
+        dtype = next(self.module.parameters()).dtype
+        input_values = batch["input_values"].to(self.device, non_blocking=True).to(dtype)
+        attention_mask = batch["attention_mask"].to(self.device, non_blocking=True)
+        seq_len = conv_output_length(self.config, input_values.shape[-1])
+        frame_lengths = self.module._get_feat_extract_output_lengths(attention_mask.sum(-1)).long()
+        mask = compute_span_mask(frame_lengths, seq_len, self.spec.mask_prob, self.spec.mask_length,
+                                 self.spec.min_masks, generator=self.generator)
+        negatives = sample_negatives(mask, self.spec.num_negatives, generator=self.generator)
+        return {"input_values": input_values, "attention_mask": attention_mask,
+                "mask_time_indices": mask, "sampled_negative_indices": negatives,
+                "frame_lengths": frame_lengths}
+
+    def global_sum(self, value: torch.Tensor) -> torch.Tensor:
+        if self.world_size > 1:
+            value = value.clone()
+            dist.all_reduce(value)
+        return value
+
+    def forward(self, model, inputs: dict) -> tuple[torch.Tensor, dict]:
+        """Forward through `model` (DeepSpeed engine or bare module); returns (loss to backprop, stats)."""
+        out = model(input_values=inputs["input_values"], attention_mask=inputs["attention_mask"],
+                    mask_time_indices=inputs["mask_time_indices"],
+                    sampled_negative_indices=inputs["sampled_negative_indices"])
+        num_losses = inputs["mask_time_indices"].sum()
+        num_losses_all = self.global_sum(num_losses.float()).clamp_min(1.0)
+        loss = out.loss * (self.world_size / num_losses_all)
+        stats = {
+            "loss_sum": out.loss.detach().float(),
+            "contrastive_sum": out.contrastive_loss.detach().float(),
+            "diversity_sum": out.diversity_loss.detach().float(),
+            "num_losses": num_losses.detach().float(),
+            "frames": inputs["frame_lengths"].sum().float(),
+            "padded_frames": torch.tensor(float(inputs["mask_time_indices"].numel()), device=num_losses.device),
+            "ppl": out.codevector_perplexity.detach().float(),
+            "micro_batches": torch.ones((), device=num_losses.device),
+            "samples": inputs["attention_mask"].sum().float(),
+        }
+        return loss, stats
+
+
+class StatsWindow:
+    """Sums per-micro-step statistics on the device between two logs (no host sync until `reduce`)."""
+
+    def __init__(self):
+        self.sums: dict[str, torch.Tensor] = {}
+
+    def add(self, stats: dict) -> None:
+        for k, v in stats.items():
+            self.sums[k] = self.sums[k] + v if k in self.sums else v.clone()
+
+    def reduce(self, step: PretrainStep, prefix: str = "") -> dict[str, float]:
+        """All-reduce over ranks, read once, and turn sums into per-masked-frame figures (as the seed)."""
+        if not self.sums:
+            return {}
+        keys = sorted(self.sums)
+        packed = step.global_sum(torch.stack([self.sums[k] for k in keys]))
+        s = dict(zip(keys, packed.tolist()))
+        self.sums = {}
+        n = max(s["num_losses"], 1.0)
+        return {
+            f"{prefix}loss": s["loss_sum"] / n,
+            f"{prefix}contrastive_loss": s["contrastive_sum"] / n,
+            f"{prefix}diversity_loss": s["diversity_sum"] / n,
+            f"{prefix}codevector_perplexity": s["ppl"] / s["micro_batches"],
+            f"{prefix}masked_frac": s["num_losses"] / max(s["frames"], 1.0),
+            f"{prefix}padding_frac": 1.0 - s["frames"] / max(s["padded_frames"], 1.0),
+            f"{prefix}num_losses": s["num_losses"],
+            f"{prefix}samples": s["samples"],
+        }
+
+
+def gumbel_temperature(args, completed_steps: int) -> float:
+    """The seed's schedule: max * decay**step, floored at min."""
+    return max(args.max_gumbel_temperature * args.gumbel_temperature_decay ** completed_steps,
+               args.min_gumbel_temperature)

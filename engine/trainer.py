@@ -1,0 +1,279 @@
+"""The training loop: setup (distributed, config, data, model, DeepSpeed), then the seed's loop.
+
+Every refusal that a flag can cause happens in `setup` before the model is built or moved to a device.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import socket
+import time
+from dataclasses import dataclass
+from functools import partial
+
+import torch
+import torch.distributed as dist
+from transformers import get_scheduler, set_seed
+
+from engine import checkpoint as ckpt
+from engine.args import ArgError
+from engine.data import build_datasets, build_loader
+from engine.ds_config import build_ds_config, precision_of
+from engine.metrics import MetricsLogger
+from engine.models import build_model, count_parameters, load_config, load_feature_extractor
+from engine.step import MaskingSpec, PretrainStep, StatsWindow, gumbel_temperature
+
+
+@dataclass
+class Dist:
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def setup_distributed() -> Dist:
+    """Join the process group that the deepspeed launcher describes, or make a one-process group."""
+    import deepspeed
+    os.environ.setdefault("RANK", "0")
+    os.environ.setdefault("LOCAL_RANK", "0")
+    os.environ.setdefault("WORLD_SIZE", "1")
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    os.environ.setdefault("MASTER_PORT", str(_free_port()))
+    local_rank = int(os.environ["LOCAL_RANK"])
+    if torch.cuda.is_available():
+        torch.cuda.set_device(local_rank)
+        device = torch.device("cuda", local_rank)
+    else:
+        device = torch.device("cpu")
+    if not dist.is_initialized():
+        deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo", verbose=False)
+    return Dist(dist.get_rank(), dist.get_world_size(), local_rank, device)
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """Weight decay on weight matrices and the codebook; none on biases and norm scales."""
+    decay, no_decay = [], []
+    for p in model.parameters():
+        if p.requires_grad:
+            (decay if p.ndim >= 2 else no_decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def check_output_dir(args) -> None:
+    latest = os.path.join(ckpt.checkpoint_root(args.output_dir), "latest")
+    if args.resume is None and os.path.isfile(latest):
+        raise ArgError(f"--output_dir {args.output_dir!r} already holds a run (checkpoints/latest); "
+                       "pass --resume to continue it, or choose another --output_dir")
+
+
+def check_hub_access(args) -> None:
+    """Refuse --push_to_hub before training when the hub cannot be reached or the token is missing."""
+    from huggingface_hub import HfApi
+    try:
+        HfApi().whoami(token=args.hub_token)
+    except Exception as exc:
+        raise ArgError(f"--push_to_hub: the hub is not reachable with this token ({type(exc).__name__}); "
+                       "pass --hub_token, log in with `hf auth login`, or drop --push_to_hub") from exc
+
+
+def push_to_hub(args, log) -> None:
+    from huggingface_hub import HfApi
+    api = HfApi(token=args.hub_token)
+    repo_id = args.hub_model_id or os.path.basename(os.path.abspath(args.output_dir))
+    api.create_repo(repo_id, exist_ok=True)
+    api.upload_folder(repo_id=repo_id, folder_path=args.output_dir, ignore_patterns=["checkpoints/*"],
+                      commit_message="End of training")
+    log(f"pushed {args.output_dir} to the hub as {repo_id}")
+
+
+def setup(args):
+    """Everything before the first step; refusals come before any model or device work."""
+    d = setup_distributed()
+    set_seed(args.seed)
+    config = load_config(args.config_name or args.model_name_or_path, cache_dir=args.cache_dir,
+                         flag="--config_name" if args.config_name else "--model_name_or_path")
+    feature_extractor = load_feature_extractor(args.model_name_or_path or args.config_name, cache_dir=args.cache_dir)
+    spec = MaskingSpec.from_args(args, config)
+    ds_cfg = build_ds_config(args, d.world_size, d.device.type)
+    if not args.preprocessing_only:
+        check_output_dir(args)
+        if args.push_to_hub:
+            check_hub_access(args)
+    train_ds, eval_ds = build_datasets(args, feature_extractor.sampling_rate)
+    return d, config, feature_extractor, spec, ds_cfg, train_ds, eval_ds
+
+
+def loader_for(args, dataset, d: Dist, epoch: int, *, train: bool, start_batch: int = 0):
+    return build_loader(dataset, batch_size=args.per_device_train_batch_size if train else args.per_device_eval_batch_size,
+                        shuffle=train, seed=args.seed, epoch=epoch, rank=d.rank, world_size=d.world_size,
+                        num_workers=args.dataloader_num_workers, pad_to_multiple_of=args.pad_to_multiple_of,
+                        start_batch=start_batch)
+
+
+def evaluate(engine, step_fn: PretrainStep, args, eval_ds, d: Dist) -> dict:
+    """The seed's validation losses (summed over the set, divided by its masked frames). Masks come from a
+    generator reseeded each time, so successive evaluations compare like with like."""
+    gen = torch.Generator(device=d.device).manual_seed(args.seed + 10_000 + d.rank)
+    eval_step = PretrainStep(step_fn.module, step_fn.spec, d.device, world_size=d.world_size, generator=gen)
+    window = StatsWindow()
+    engine.eval()
+    with torch.no_grad():
+        for batch in loader_for(args, eval_ds, d, 0, train=False):
+            _, stats = eval_step.forward(engine, eval_step.prepare(batch))
+            window.add(stats)
+    engine.train()
+    return window.reduce(eval_step, prefix="val_")
+
+
+def main(args) -> dict:
+    import deepspeed
+    d, config, feature_extractor, spec, ds_cfg, train_ds, eval_ds = setup(args)
+    say = print if d.is_main else (lambda *a, **k: None)
+    if args.preprocessing_only:
+        say(f"preprocessing done: {len(train_ds)} training utterances"
+            + (f", {len(eval_ds)} validation" if eval_ds is not None else ""))
+        return {}
+
+    micro_per_epoch = len(loader_for(args, train_ds, d, 0, train=True))
+    if micro_per_epoch == 0:
+        raise ArgError(f"no training batch: {len(train_ds)} utterances for {d.world_size} rank(s) of "
+                       f"--per_device_train_batch_size {args.per_device_train_batch_size}")
+    updates_per_epoch = math.ceil(micro_per_epoch / args.gradient_accumulation_steps)
+    max_steps = args.max_train_steps or args.num_train_epochs * updates_per_epoch
+    num_epochs = math.ceil(max_steps / updates_per_epoch)
+
+    model = build_model(config, gradient_checkpointing=args.gradient_checkpointing,
+                        attn_implementation=args.attn_implementation)
+    scheduler = partial(_scheduler, args=args, max_steps=max_steps)
+    engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=param_groups(model, args.weight_decay),
+                                           config=ds_cfg, lr_scheduler=scheduler)
+    gen = torch.Generator(device=d.device).manual_seed(args.seed + d.rank)
+    step_fn = PretrainStep(engine.module, spec, d.device, world_size=d.world_size, generator=gen)
+
+    completed, start_epoch, start_batch = 0, 0, 0
+    if args.resume is not None:
+        where = ckpt.resolve_resume(args.resume, args.output_dir)
+        if where is None:
+            say(f"--resume: no checkpoint in {ckpt.checkpoint_root(args.output_dir)}; starting from scratch")
+        else:
+            state = ckpt.load_checkpoint(engine, *where)
+            completed, start_epoch, start_batch = state["completed_steps"], state["epoch"], state["batch_in_epoch"]
+            ckpt.set_rng_state(state["rng"][min(d.rank, len(state["rng"]) - 1)], gen)
+            say(f"resumed from {os.path.join(*where)} at step {completed}")
+
+    if d.is_main:
+        os.makedirs(args.output_dir, exist_ok=True)
+        with open(os.path.join(args.output_dir, "ds_config.json"), "w") as fh:
+            json.dump(ds_cfg, fh, indent=2)
+        with open(os.path.join(args.output_dir, "run_args.json"), "w") as fh:
+            json.dump({k: (str(v) if not isinstance(v, (int, float, str, bool, list, type(None))) else v)
+                       for k, v in vars(args).items() if k != "hub_token"}, fh, indent=2)
+    say(f"model: {count_parameters(model) / 1e6:.1f}M params | ZeRO {ds_cfg['zero_optimization'].get('stage', 0)} "
+        f"| {precision_of(ds_cfg)} | world {d.world_size} | {len(train_ds)} train utterances | "
+        f"{micro_per_epoch} micro-batches/epoch/rank | {max_steps} steps | masking {spec}")
+    say("effective DeepSpeed config: " + json.dumps(ds_cfg))
+
+    logger = MetricsLogger(args.output_dir, is_main=d.is_main, total_steps=max_steps, initial_step=completed,
+                           report_to=args.report_to, run_config=vars(args))
+    engine.module.set_gumbel_temperature(gumbel_temperature(args, max(completed - 1, 0)))
+    window, t_window = StatsWindow(), time.perf_counter()
+    step_fn.sampling_rate = feature_extractor.sampling_rate
+    result: dict = {}
+
+    def save(epoch: int, batch_in_epoch: int) -> None:
+        rngs = [None] * d.world_size
+        dist.all_gather_object(rngs, ckpt.rng_state(gen))
+        ckpt.save_checkpoint(engine, args.output_dir, completed, {
+            "completed_steps": completed, "epoch": epoch, "batch_in_epoch": batch_in_epoch, "rng": rngs},
+            keep_last=args.keep_last_checkpoints)
+        ckpt.export_pretrained(engine, config, feature_extractor, args.output_dir)
+
+    needs_own_norm = engine.zero_optimization_stage() == 0 and not ds_cfg.get("gradient_clipping")
+    engine.train()
+    epoch, batch_in_epoch = start_epoch, start_batch
+    for epoch in range(start_epoch, num_epochs):
+        first = start_batch if epoch == start_epoch else 0
+        batch_in_epoch = first
+        for batch in loader_for(args, train_ds, d, epoch, train=True, start_batch=first):
+            inputs = step_fn.prepare(batch)
+            boundary = engine.is_gradient_accumulation_boundary()
+            loss, stats = step_fn.forward(engine, inputs)
+            engine.backward(loss)
+            if boundary and needs_own_norm and (completed + 1) % args.logging_steps == 0:
+                stash_grad_norm(engine)
+            engine.step()
+            window.add(stats)
+            batch_in_epoch += 1
+            if not boundary:
+                continue
+            engine.module.set_gumbel_temperature(gumbel_temperature(args, completed))  # seed: before increment
+            completed += 1
+            logger.advance()
+            if completed % args.logging_steps == 0 or completed == max_steps:
+                result = log_window(engine, step_fn, window, logger, args, d, completed, epoch,
+                                    time.perf_counter() - t_window)
+                t_window = time.perf_counter()
+            if args.eval_steps and eval_ds is not None and completed % args.eval_steps == 0:
+                logger.log(completed, evaluate(engine, step_fn, args, eval_ds, d), split="eval")
+            if completed % args.saving_steps == 0 and completed < max_steps:
+                save(epoch, batch_in_epoch)
+            if completed >= max_steps:
+                break
+        if eval_ds is not None and not args.eval_steps:  # the seed validates after every epoch
+            val = evaluate(engine, step_fn, args, eval_ds, d)
+            result.update(val)
+            logger.log(completed, val, split="eval")
+        if completed >= max_steps:
+            break
+    save(epoch, batch_in_epoch)
+    logger.close()
+    say(f"done: {completed} steps; model saved to {args.output_dir}")
+    if args.push_to_hub and d.is_main:
+        push_to_hub(args, say)
+    return result
+
+
+def log_window(engine, step_fn, window, logger, args, d, completed, epoch, elapsed) -> dict:
+    """Reduce the window's statistics over ranks, add lr/temperature/grad-norm/throughput, log them."""
+    result = window.reduce(step_fn)
+    audio_seconds = result.pop("samples") / step_fn.sampling_rate
+    result.update(lr=engine.get_lr()[0], temperature=gumbel_temperature(args, completed - 1),
+                  grad_norm=_grad_norm(engine), audio_s_per_s=audio_seconds / max(elapsed, 1e-9), epoch=epoch)
+    if d.device.type == "cuda":
+        result["gpu_mem_peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
+    logger.log(completed, result)
+    return result
+
+
+def _scheduler(optimizer, *, args, max_steps):
+    return get_scheduler(args.lr_scheduler_type, optimizer=optimizer, num_warmup_steps=args.num_warmup_steps,
+                         num_training_steps=max_steps)
+
+
+def _grad_norm(engine) -> float:
+    """The global gradient norm of the last update. DeepSpeed computes it for ZeRO 1-3 and for clipping;
+    for stage 0 without clipping it was stashed by `stash_grad_norm` before the step."""
+    norm = engine.get_global_grad_norm()
+    if norm is None:
+        norm = getattr(engine, "_w2v_grad_norm", None)
+    if norm is None:
+        return float("nan")
+    return float(norm.item() if torch.is_tensor(norm) else norm)
+
+
+def stash_grad_norm(engine) -> None:
+    """Stage 0 keeps whole gradients in .grad after the boundary backward: measure their norm there."""
+    grads = [p.grad for p in engine.module.parameters() if p.grad is not None]
+    engine._w2v_grad_norm = torch.nn.utils.get_total_norm(grads) if grads else None

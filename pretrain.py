@@ -1,0 +1,30 @@
+#!/usr/bin/env python
+"""Pre-train wav2vec 2.0 on unlabeled audio with DeepSpeed.
+
+    deepspeed pretrain.py --deepspeed ds_configs/zero2.json --model_name_or_path base --dataset_name ...
+    python pretrain.py --model_name_or_path demo --train_dir data/demo --output_dir outputs/demo
+
+Every flag of HF's run_wav2vec2_pretraining_no_trainer.py works the same way; `--help` lists all.
+"""
+import sys
+
+from engine.args import ArgError, parse_args
+from engine.data import DataError
+from engine.models import ModelError
+
+USER_ERRORS = (ArgError, DataError, ModelError)
+
+
+def main(argv=None) -> int:
+    try:
+        args = parse_args(argv)
+        from engine.trainer import main as train
+        train(args)
+    except USER_ERRORS as exc:  # bad flags, data or model: the message names the flag or file
+        print(f"pretrain.py: error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
