@@ -1,0 +1,120 @@
+"""Batches on the CPU: collate (right zero padding + attention mask) and the per-rank loader."""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from .batching import BUCKET_CHUNK, plan_epoch
+
+
+def collate(items: list, pad_to_multiple_of: int | None = None) -> dict:
+    """[{"input_values": float32[n], "id": str} | None] -> Batch (None items dropped).
+
+    Batch: input_values FloatTensor[B, S] (zero padded on the right), attention_mask
+    LongTensor[B, S] (1 = real sample), ids list[str]; S is rounded up to pad_to_multiple_of.
+    """
+    items = [it for it in items if it is not None]
+    lengths = [len(it["input_values"]) for it in items]
+    seq = max(lengths, default=0)
+    if pad_to_multiple_of and seq % pad_to_multiple_of:
+        seq += pad_to_multiple_of - seq % pad_to_multiple_of
+    values = np.zeros((len(items), seq), dtype=np.float32)
+    mask = np.zeros((len(items), seq), dtype=np.int64)
+    for row, (it, n) in enumerate(zip(items, lengths)):
+        values[row, :n] = it["input_values"]
+        mask[row, :n] = 1
+    return {"input_values": torch.from_numpy(values), "attention_mask": torch.from_numpy(mask),
+            "ids": [it["id"] for it in items]}
+
+
+class _Fetcher(torch.utils.data.Dataset):
+    """What the DataLoader sees: one batch of indices in -> (items, skips, refilled) out."""
+
+    def __init__(self, dataset):
+        self.dataset = dataset
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitems__(self, indices):
+        return self.dataset.fetch_batch(indices)
+
+    def __getitem__(self, i):  # unused by the batch path; keeps the Dataset protocol whole
+        return self.dataset.fetch_batch([i])
+
+
+class _Collate:
+    def __init__(self, pad_to_multiple_of):
+        self.pad_to_multiple_of = pad_to_multiple_of
+
+    def __call__(self, fetched):
+        items, skips, refilled = fetched
+        batch = collate(items, self.pad_to_multiple_of)
+        batch["_skips"] = skips
+        batch["_refilled"] = refilled
+        return batch
+
+
+def _worker_init(_):
+    torch.set_num_threads(1)
+
+
+class AudioLoader:
+    """Iterable of Batch for one rank and one epoch; ``len()`` = batches it will yield.
+
+    Attributes: ``batches_per_epoch`` (this rank's batches, ignoring start_batch),
+    ``start_batch``, ``refilled`` (all-bad batches replaced so far), ``dataset``.
+    Skips seen in worker processes are recorded on ``dataset`` as batches arrive.
+    """
+
+    def __init__(self, dataset, batches: list[np.ndarray], *, start_batch: int, num_workers: int,
+                 pad_to_multiple_of: int | None, prefetch_factor: int = 4):
+        self.dataset = dataset
+        self.batches_per_epoch = len(batches)
+        self.start_batch = min(max(int(start_batch), 0), len(batches))
+        self._batches = [b.tolist() for b in batches[self.start_batch:]]
+        self.num_workers = int(num_workers)
+        self.pad_to_multiple_of = pad_to_multiple_of
+        self.prefetch_factor = prefetch_factor
+        self.refilled = 0
+
+    def __len__(self) -> int:
+        return len(self._batches)
+
+    def __iter__(self):
+        if not self._batches:
+            return
+        kw = {}
+        if self.num_workers > 0:
+            kw = dict(prefetch_factor=self.prefetch_factor, worker_init_fn=_worker_init,
+                      persistent_workers=False)
+        loader = torch.utils.data.DataLoader(
+            _Fetcher(self.dataset), batch_sampler=self._batches, num_workers=self.num_workers,
+            collate_fn=_Collate(self.pad_to_multiple_of), pin_memory=torch.cuda.is_available(), **kw)
+        for batch in loader:
+            skips = batch.pop("_skips")
+            if batch.pop("_refilled"):
+                self.refilled += 1
+            if skips:
+                self.dataset.record_skips(skips)
+            yield batch
+
+
+def build_loader(dataset, *, batch_size: int, shuffle: bool, seed: int, epoch: int, rank: int,
+                 world_size: int, num_workers: int, pad_to_multiple_of: int | None,
+                 start_batch: int = 0, max_batch_seconds: float | None = None,
+                 bucket_chunk: int = BUCKET_CHUNK) -> AudioLoader:
+    """This rank's batches of one epoch (see engine/data/batching.py for the plan).
+
+    Every rank gets the same number of batches; ranks cover disjoint items. The plan depends
+    only on (seed, epoch, durations, flags), so ``start_batch=k`` resumes exactly where batch k
+    of that epoch would start, without decoding the k skipped batches. ``max_batch_seconds``,
+    when set, replaces ``batch_size`` with a budget of padded audio seconds per batch.
+    """
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank {rank} not in [0, {world_size})")
+    plan = plan_epoch(dataset.durations, batch_size=batch_size, max_batch_seconds=max_batch_seconds,
+                      shuffle=shuffle, seed=seed, epoch=epoch, world_size=world_size,
+                      bucket_chunk=bucket_chunk)
+    return AudioLoader(dataset, plan[rank::world_size], start_batch=start_batch,
+                       num_workers=num_workers, pad_to_multiple_of=pad_to_multiple_of)
