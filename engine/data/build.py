@@ -1,9 +1,20 @@
 """build_datasets: flags -> (train, validation) AudioDatasets.
 
-Order of work: pick the source (exactly one of --dataset_name / --train_dir / --train_manifest),
-index it (headers only), drop what fails the duration filter, then take the validation set from
---validation_dir / --validation_manifest or, failing those, the first
---validation_split_percentage % of the usable train items after a seeded shuffle.
+Order of work:
+ 1. pick the train source: exactly one of --dataset_name / --train_dir / --train_manifest;
+ 2. index it from headers only (or load that index from the cache, engine/data/cache.py);
+ 3. duration filter: keep min < duration <= max (--crop_long_audio: keep longer ones, cropped);
+    dropped items are reported as too_short / too_long, not counted as damage;
+ 4. validation: --validation_dir / --validation_manifest (same steps), else the first
+    --validation_split_percentage % of the usable train items after a shuffle with --seed
+    (0 = no validation; a percentage that yields 0 items is an error, as in the HF example).
+    Unlike the HF example the shuffle happens even for a single split, so the held-out items are
+    not the first speaker's.
+ 5. AudioDatasets with the skips found so far; more than --max_skip_fraction damage -> DataError.
+
+--preprocessing_only: nothing special happens here beyond requiring a cache folder; the caller
+builds the datasets once (which writes the index cache) and exits. HF's --train_cache_file_name /
+--validation_cache_file_name are not used (there is no datasets.map cache to name).
 """
 from __future__ import annotations
 
@@ -11,6 +22,7 @@ import os
 
 import numpy as np
 
+from .cache import IndexCache, cache_root
 from .dataset import AudioDataset
 from .errors import SKIP_TOO_LONG, SKIP_TOO_SHORT, DataError
 from .index import AudioIndex
@@ -39,21 +51,45 @@ def train_source(args) -> tuple[str, str]:
     return given[0]
 
 
-def index_source(kind: str, flag: str, args, sampling_rate: int):
-    """-> (AudioIndex, skips, hf_parts) for one source, headers only."""
+def _source_identity(kind: str, value, args, hf_parts) -> dict:
+    if kind == "dir":
+        return {"dir": os.path.abspath(value)}
+    return {"dataset_name": os.path.abspath(value) if os.path.exists(value) else value,
+            "configs": getattr(args, "dataset_config_names", None),
+            "splits": getattr(args, "dataset_split_names", None),
+            "data_files": getattr(args, "dataset_data_files", None),
+            "audio_column": _flag(args, "audio_column_name", "audio"),
+            "fingerprints": [getattr(ds, "_fingerprint", None) for _, ds in hf_parts],
+            "rows": [len(ds) for _, ds in hf_parts]}
+
+
+def index_source(kind: str, flag: str, args, sampling_rate: int, hf_parts=None):
+    """-> (AudioIndex, skips) for one source, headers only, through the index cache."""
+    value = getattr(args, flag)
+    if kind == "manifest":
+        return index_manifest(value, f"--{flag}", sampling_rate)
     workers = int(_flag(args, "preprocessing_num_workers", 0))
     progress = _is_main_process()
-    value = getattr(args, flag)
+    root = cache_root(args)
+    if getattr(args, "preprocessing_only", False) and not root:
+        raise DataError("--preprocessing_only needs --cache_dir (or --output_dir) to store the index in")
+    cache = IndexCache(root, kind, _source_identity(kind, value, args, hf_parts), f"--{flag}") if root else None
+    if cache is not None:
+        hit = cache.load(overwrite=bool(getattr(args, "overwrite_cache", False)))
+        if hit is not None:
+            return hit
+    writer = cache is not None and _is_main_process()
     if kind == "dir":
-        index, skips = index_folder(value, f"--{flag}", num_workers=workers, progress=progress)
-        return index, skips, None
-    if kind == "manifest":
-        index, skips = index_manifest(value, f"--{flag}", sampling_rate)
-        return index, skips, None
-    parts = load_hf_parts(args)
-    column = _flag(args, "audio_column_name", "audio")
-    index, skips = index_hf_parts(parts, column, num_workers=workers, progress=progress)
-    return index, skips, [ds for _, ds in parts]
+        dir_mtimes: dict = {}
+        index, skips = index_folder(value, f"--{flag}", dir_mtimes=dir_mtimes, num_workers=workers,
+                                    progress=progress, checkpoint=cache.checkpoint if writer else None)
+    else:
+        dir_mtimes = None
+        index, skips = index_hf_parts(hf_parts, _flag(args, "audio_column_name", "audio"),
+                                      num_workers=workers, progress=progress)
+    if writer:
+        cache.save(index, skips, dir_mtimes=dir_mtimes)
+    return index, skips
 
 
 def filter_durations(index: AudioIndex, min_s: float | None, max_s: float | None,
@@ -102,13 +138,14 @@ def _report_path(args, split: str) -> str | None:
 
 
 def build_indexes(args, sampling_rate: int):
-    """-> dict with train/validation indexes, skips and hf parts (what the cache stores)."""
+    """-> dict with train/validation indexes, their skips, and the loaded datasets (or None)."""
     kind, flag = train_source(args)
     lo, hi = getattr(args, "min_duration_in_seconds", None), getattr(args, "max_duration_in_seconds", None)
     crop = bool(getattr(args, "crop_long_audio", False))
-    train, train_skips, hf_parts = index_source(kind, flag, args, sampling_rate)
+    hf_parts = load_hf_parts(args) if kind == "hf" else None   # [(label, Dataset)]
+    train, train_skips = index_source(kind, flag, args, sampling_rate, hf_parts)
     train, filtered = filter_durations(train, lo, hi, crop)
-    train_skips += filtered
+    train_skips = list(train_skips) + filtered
     if len(train) == 0:
         raise DataError(f"--{flag}: no usable audio left after skipping {len(train_skips)} items "
                         f"(check --min/--max_duration_in_seconds and the files)")
@@ -118,9 +155,9 @@ def build_indexes(args, sampling_rate: int):
     val, val_skips = None, []
     if val_flags:
         vkind = "dir" if val_flags[0] == "validation_dir" else "manifest"
-        val, val_skips, _ = index_source(vkind, val_flags[0], args, sampling_rate)
+        val, val_skips = index_source(vkind, val_flags[0], args, sampling_rate)
         val, filtered = filter_durations(val, lo, hi, crop)
-        val_skips += filtered
+        val_skips = list(val_skips) + filtered
         if len(val) == 0:
             raise DataError(f"--{val_flags[0]}: no usable audio left after skipping {len(val_skips)} items")
     else:
@@ -132,7 +169,7 @@ def build_indexes(args, sampling_rate: int):
 
 def make_datasets(args, sampling_rate: int, built: dict) -> tuple[AudioDataset, AudioDataset | None]:
     hi = getattr(args, "max_duration_in_seconds", None)
-    common = dict(hf_parts=built["hf_parts"], audio_column=_flag(args, "audio_column_name", "audio"),
+    common = dict(hf_parts=[ds for _, ds in built["hf_parts"] or []], audio_column=_flag(args, "audio_column_name", "audio"),
                   max_samples=int(np.ceil(hi * sampling_rate)) if hi else None,
                   max_skip_fraction=float(_flag(args, "max_skip_fraction", DEFAULT_MAX_SKIP_FRACTION)))
     train = AudioDataset(built["train"], sampling_rate, skips=built["train_skips"], name="train",

@@ -40,8 +40,15 @@ class StringColumn:
     def tolist(self) -> list[str]:
         return list(self)
 
-    def take(self, idx: np.ndarray) -> "StringColumn":
-        return StringColumn.from_list([self[int(i)] for i in idx])
+    def take(self, idx) -> "StringColumn":
+        """Rows ``idx`` (vectorized gather of the byte ranges)."""
+        idx = np.asarray(idx, dtype=np.int64)
+        starts, ends = self.offsets[idx], self.offsets[idx + 1]
+        lengths = ends - starts
+        offsets = np.zeros(len(idx) + 1, dtype=np.int64)
+        np.cumsum(lengths, out=offsets[1:])
+        gather = np.repeat(starts - offsets[:-1], lengths) + np.arange(offsets[-1], dtype=np.int64)
+        return StringColumn(self.buf[gather], offsets)
 
     @classmethod
     def concat(cls, cols: list["StringColumn"]) -> "StringColumn":

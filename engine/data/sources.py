@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import os
 
+from tqdm.auto import tqdm
+
 from .audio import AUDIO_EXTENSIONS
 from .errors import SKIP_EMPTY, BadAudio, DataError
 from .index import AudioIndex
@@ -21,25 +23,38 @@ Skip = tuple[str, str, str]   # (id, reason, detail)
 
 
 # ---------------------------------------------------------------- folders
-def list_audio_files(root: str, flag: str) -> list[str]:
-    """Sorted absolute paths of the audio files below ``root`` (``flag`` names it in errors)."""
+def list_audio_files(root: str, flag: str, *, dir_mtimes: dict | None = None,
+                     progress: bool = False) -> list[str]:
+    """Sorted absolute paths of the audio files below ``root`` (``flag`` names it in errors).
+
+    ``dir_mtimes``, when given, receives {directory: mtime_ns} of every directory walked (taken
+    before listing it), which is how a cached index notices files added or removed later.
+    """
     if not os.path.isdir(root):
         raise DataError(f"{flag} {root!r} is not a directory")
+    root = os.path.abspath(root)
     found = []
+    bar = tqdm(desc=f"listing {flag}", unit="dir", disable=not progress)
     for dirpath, dirnames, filenames in os.walk(root):
+        if dir_mtimes is not None:
+            dir_mtimes[dirpath] = os.stat(dirpath).st_mtime_ns
         dirnames.sort()
         found.extend(os.path.join(dirpath, f) for f in filenames
                      if f.lower().endswith(AUDIO_EXTENSIONS) and not f.startswith("."))
+        bar.update(1)
+        bar.set_postfix(files=len(found), refresh=False)
+    bar.close()
     found.sort()
     if not found:
         raise DataError(f"{flag} {root!r} holds no audio files ({', '.join(AUDIO_EXTENSIONS)})")
-    return [os.path.abspath(p) for p in found]
+    return found
 
 
 def index_files(paths: list[str], *, num_workers: int = 0, progress: bool = False,
-                desc: str = "probing audio") -> tuple[AudioIndex, list[Skip]]:
+                desc: str = "probing audio", checkpoint: str | None = None) -> tuple[AudioIndex, list[Skip]]:
     """Probe each file header; unreadable/empty/truncated-WAV files become skips."""
-    infos = probe_many(paths, num_workers=num_workers, progress=progress, desc=desc)
+    infos = probe_many(paths, num_workers=num_workers, progress=progress, desc=desc,
+                       checkpoint=checkpoint)
     keep, skips = [], []
     for path, info in zip(paths, infos):
         if isinstance(info, BadAudio):
@@ -52,8 +67,11 @@ def index_files(paths: list[str], *, num_workers: int = 0, progress: bool = Fals
     return index, skips
 
 
-def index_folder(root: str, flag: str, **kw) -> tuple[AudioIndex, list[Skip]]:
-    return index_files(list_audio_files(root, flag), desc=f"probing {flag}", **kw)
+def index_folder(root: str, flag: str, *, dir_mtimes: dict | None = None, progress: bool = False,
+                 **kw) -> tuple[AudioIndex, list[Skip]]:
+    """List a folder and probe every file header (see index_files for ``kw``)."""
+    paths = list_audio_files(root, flag, dir_mtimes=dir_mtimes, progress=progress)
+    return index_files(paths, desc=f"probing {flag}", progress=progress, **kw)
 
 
 # ---------------------------------------------------------------- fairseq manifests
