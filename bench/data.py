@@ -17,11 +17,13 @@ import argparse
 import json
 import multiprocessing as mp
 import os
+import resource
 import sys
 import time
 
 import numpy as np
 import soundfile as sf
+import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -100,18 +102,23 @@ def data_args(a, root: str) -> argparse.Namespace:
 def throughput(ds, a, max_batch_seconds) -> dict:
     """Loader rates over <= --seconds of epochs: overall, and steady (first batch of each epoch
     excluded, i.e. without worker start-up), plus the padding fraction seen."""
+    # audio per batch from the index (ids -> samples): reading the 20 MB mask of every batch
+    # would make the main process, not the workers, the bottleneck of this measurement
+    samples = {k: d * SR for k, d in zip(ds.ids, ds.durations)}
     real = padded = steady_audio = 0
     steady_time = startup = 0.0
     batches = 0
+    cpu0 = _cpu()
     t_start = time.perf_counter()
     for epoch in range(10_000):
         loader = build_loader(ds, batch_size=a.batch_size, shuffle=True, seed=a.seed, epoch=epoch, rank=0,
                               world_size=1, num_workers=a.workers, pad_to_multiple_of=None,
-                              max_batch_seconds=max_batch_seconds)
+                              max_batch_seconds=max_batch_seconds,
+                              mask_dtype=torch.bool if a.mask_dtype == "bool" else torch.long)
         t_prev = time.perf_counter()
         for k, b in enumerate(loader):
             now = time.perf_counter()
-            n = int(b["attention_mask"].sum())
+            n = sum(samples[i] for i in b["ids"])
             real += n
             padded += b["attention_mask"].numel()
             batches += 1
@@ -126,8 +133,18 @@ def throughput(ds, a, max_batch_seconds) -> dict:
         if time.perf_counter() - t_start > a.seconds:
             break
     elapsed = time.perf_counter() - t_start
-    return {"rate": real / SR / elapsed, "steady": steady_audio / SR / max(steady_time, 1e-9),
+    del loader
+    main_cpu, child_cpu = (b - a for a, b in zip(cpu0, _cpu()))
+    decode_cpu = child_cpu if a.workers else main_cpu
+    return {"rate": real / SR / elapsed, "per_cpu": real / SR / max(decode_cpu, 1e-9),
+            "main_ms": 1000 * main_cpu / max(batches, 1), "steady": steady_audio / SR / max(steady_time, 1e-9),
             "startup": startup / (epoch + 1), "padding": 1 - real / max(padded, 1), "batches": batches}
+
+
+def _cpu() -> tuple[float, float]:
+    """(this process, reaped children) CPU seconds; DataLoader workers are reaped per epoch."""
+    me, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return me.ru_utime + me.ru_stime, kids.ru_utime + kids.ru_stime
 
 
 def main(argv=None):
@@ -142,6 +159,8 @@ def main(argv=None):
     p.add_argument("--max_batch_seconds", type=float, default=100.0)
     p.add_argument("--seconds", type=float, default=8.0, help="time per throughput measurement")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--mask_dtype", choices=["long", "bool"], default="long",
+                   help="attention_mask dtype (contract: long; bool moves 5 instead of 12 bytes/sample)")
     a = p.parse_args(argv)
 
     root = make_corpus(a)
@@ -168,6 +187,8 @@ def main(argv=None):
               f"{r['batches']} batches loaded), {len(plan)} batches/epoch of {mean_items:.1f} items")
         print(f"{'':>18}  {a.workers} workers: {r['rate']:7.0f} audio-s/s overall, {r['steady']:7.0f} steady "
               f"(first batch of an epoch after {r['startup'] * 1000:.0f} ms)")
+        print(f"{'':>18}  CPU cost: {r['per_cpu']:.0f} audio-s per decoding CPU-second (x workers = the "
+              f"ceiling on idle cores); main process {r['main_ms']:.1f} ms CPU per batch")
     print(f"skipped: {dict(ds.skipped) or 'none'}")
 
 

@@ -237,6 +237,8 @@ def test_collate_pads_right_and_to_multiple():
     assert b["attention_mask"].dtype == torch.int64 and b["ids"] == ["a", "b"]
     assert b["attention_mask"].sum(1).tolist() == [5, 3]
     assert b["input_values"][1, 3:].abs().sum() == 0 and b["input_values"][1, :3].eq(2).all()
+    small = collate(items, mask_dtype=torch.bool)["attention_mask"]
+    assert small.dtype == torch.bool and small.sum(1).tolist() == [5, 3]
 
 
 def test_loader_batch_shapes_and_mask(corpus):

@@ -260,3 +260,32 @@ def test_bench_runs_small(tmp_path, capsys):
     bench.main(["--corpus", str(tmp_path / "c"), "--num_files", "12", "--workers", "0", "--seconds", "0.3"])
     out = capsys.readouterr().out
     assert "budget" in out and "audio-s/s" in out and "padding" in out
+
+
+def test_skip_rate_is_enforced_per_rank_shard(tmp_path, monkeypatch):
+    """4 of 40 files are damaged (10%): each rank decodes a quarter, so the split-wide lower bound
+    (damaged seen here / 40) stays at or below 5%; the rank's own decode rate must catch it."""
+    import engine.data.dataset as dataset_mod
+
+    for i in range(36):
+        write(tmp_path / "d" / f"g{i:02d}.wav", 0.3, seed=i)
+    for i in range(4):
+        write_bad(tmp_path / "d" / f"b{i}", "nan")
+    args = make_args(train_dir=str(tmp_path / "d"), max_skip_fraction=0.05)
+
+    def run_all_ranks():
+        raised = []
+        for rank in range(4):
+            train, _ = build_datasets(args, SR)
+            try:
+                list(build_loader(train, batch_size=2, shuffle=True, seed=0, epoch=0, rank=rank, world_size=4,
+                                  num_workers=0, pad_to_multiple_of=None))
+                raised.append(False)
+            except DataError as exc:
+                assert "--max_skip_fraction" in str(exc)
+                raised.append(True)
+        return raised
+
+    assert not any(run_all_ranks())     # with too large a sample threshold nothing is caught
+    monkeypatch.setattr(dataset_mod, "MIN_DECODE_SAMPLE", 8)
+    assert any(run_all_ranks())

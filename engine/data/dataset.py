@@ -14,6 +14,9 @@ from .probing import audio_ref
 #: Items tried, after an all-bad batch, to find one decodable replacement.
 REFILL_TRIES = 64
 
+#: Decode attempts this process must have made before its own damage rate is enforced.
+MIN_DECODE_SAMPLE = 100
+
 
 class AudioDataset:
     """Map-style dataset of decoded, resampled, normalized utterances.
@@ -24,8 +27,11 @@ class AudioDataset:
 
     Skips recorded: those found while indexing (passed in) and those found while decoding, in
     this process; the loader forwards skips seen in its worker processes here. Each id counts
-    once. When damaged items (not duration-filtered ones) exceed ``max_skip_fraction`` of all
-    items seen by the index, recording raises DataError.
+    once. Recording raises DataError when the damage rate (duration-filtered items excluded)
+    exceeds ``max_skip_fraction``, the rate being the larger of
+      * all damaged ids known here / all items of the split (a lower bound), and
+      * ids damaged at decode / decode attempts in this process, once it made MIN_DECODE_SAMPLE
+        attempts (a rank decodes only its shard, so the first bound alone would be W times low).
     """
 
     def __init__(self, index: AudioIndex, sampling_rate: int, *, hf_parts=None,
@@ -42,6 +48,8 @@ class AudioDataset:
         self.skip_report = skip_report
         self._skips: dict[str, tuple[str, str]] = {}
         self._indexed_skips = 0   # skips found while indexing (items absent from the index)
+        self._decode_damaged = 0  # damaged ids found while decoding, in this process
+        self.decode_attempts = 0  # items decoded (or tried) in this process, loader workers included
         for item_id, reason, detail in skips:
             if item_id not in self._skips:
                 self._indexed_skips += 1
@@ -72,8 +80,16 @@ class AudioDataset:
 
     def damage_fraction(self) -> float:
         damaged = sum(1 for r, _ in self._skips.values() if r in DAMAGE_REASONS)
-        total = len(self.index) + self._indexed_skips
-        return damaged / max(total, 1)
+        split_rate = damaged / max(len(self.index) + self._indexed_skips, 1)
+        if self.decode_attempts < MIN_DECODE_SAMPLE:
+            return split_rate
+        return max(split_rate, self._decode_damaged / self.decode_attempts)
+
+    def note_attempts(self, n: int) -> None:
+        """Count ``n`` decode attempts (made here or in loader workers); re-check the skip rate."""
+        self.decode_attempts += n
+        if self._decode_damaged:
+            self.check_skip_fraction()
 
     def record_skips(self, skips) -> None:
         """Record [(id, reason, detail)]; enforce ``max_skip_fraction``; refresh the report."""
@@ -81,6 +97,7 @@ class AudioDataset:
         for item_id, reason, detail in skips:
             if item_id not in self._skips:
                 self._skips[item_id] = (reason, detail)
+                self._decode_damaged += reason in DAMAGE_REASONS
                 new = True
         if not new:
             return
@@ -136,6 +153,7 @@ class AudioDataset:
         item, skip = self.load(i)
         if skip is not None:
             self.record_skips([skip])
+        self.note_attempts(1)
         return item
 
     def fetch_batch(self, indices) -> tuple[list[dict], list[tuple[str, str, str]], bool]:
