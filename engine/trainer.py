@@ -119,7 +119,8 @@ def loader_for(args, dataset, d: Dist, epoch: int, *, train: bool, start_batch: 
     return build_loader(dataset, batch_size=args.per_device_train_batch_size if train else args.per_device_eval_batch_size,
                         shuffle=train, seed=args.seed, epoch=epoch, rank=d.rank, world_size=d.world_size,
                         num_workers=args.dataloader_num_workers, pad_to_multiple_of=args.pad_to_multiple_of,
-                        start_batch=start_batch)
+                        start_batch=start_batch, max_batch_seconds=args.max_batch_seconds if train else None,
+                        crop_to_shortest=args.crop_to_shortest and train)
 
 
 def evaluate(engine, step_fn: PretrainStep, args, eval_ds, d: Dist) -> dict:

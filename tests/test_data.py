@@ -293,3 +293,19 @@ def test_start_batch_decodes_nothing_it_skips(corpus, monkeypatch):
     monkeypatch.setattr(train, "load", lambda i: calls.append(i) or orig(i))
     ld = loader(train, batch_size=4, start_batch=4)
     assert len(list(ld)) == 1 and len(calls) == len(ld._batches[0])
+
+
+def test_crop_to_shortest_removes_padding_deterministically():
+    from engine.data.loader import collate
+    rng = np.random.default_rng(0)
+    items = [{"input_values": rng.standard_normal(n).astype(np.float32), "id": f"u{n}"} for n in (900, 1000, 1200)]
+    padded = collate(items)
+    assert padded["padded"] and padded["input_values"].shape == (3, 1200)
+    a, b = collate(items, crop_seed=7), collate(items, crop_seed=7)
+    assert not a["padded"] and a["input_values"].shape == (3, 900) and bool(a["attention_mask"].all())
+    assert torch.equal(a["input_values"], b["input_values"])
+    assert not torch.equal(a["input_values"], collate(items, crop_seed=8)["input_values"])
+    for row, it in zip(a["input_values"].numpy(), items):  # each row is a contiguous slice of its item
+        x = it["input_values"]
+        starts = [s for s in range(len(x) - 900 + 1) if np.array_equal(x[s:s + 900], row)]
+        assert len(starts) == 1

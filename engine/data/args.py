@@ -39,6 +39,11 @@ def add_data_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     g.add_argument("--crop_long_audio", action="store_true",
                    help="Keep audio longer than --max_duration_in_seconds, cropped to it (the HF "
                         "example's behaviour), instead of dropping it (default).")
+    g.add_argument("--crop_to_shortest", action="store_true",
+                   help="Crop every utterance of a training batch to the batch's shortest, at a random "
+                        "offset (fairseq's wav2vec 2.0 recipe): no padding and no attention mask, so "
+                        "attention runs on the fast flash kernel. Pair with --max_batch_seconds, whose "
+                        "length buckets keep the cropped audio to a few percent.")
     g.add_argument("--dataloader_num_workers", type=int, default=4,
                    help="DataLoader worker processes per rank decoding and resampling audio "
                         "(0 = in the training process). Default: 4.")

@@ -1,6 +1,8 @@
 """Batches on the CPU: collate (right zero padding + attention mask) and the per-rank loader."""
 from __future__ import annotations
 
+import zlib
+
 import numpy as np
 import torch
 
@@ -8,14 +10,20 @@ from .batching import BUCKET_CHUNK, plan_epoch
 
 
 def collate(items: list, pad_to_multiple_of: int | None = None,
-            mask_dtype: torch.dtype = torch.long) -> dict:
+            mask_dtype: torch.dtype = torch.long, crop_seed: int | None = None) -> dict:
     """[{"input_values": float32[n], "id": str} | None] -> Batch (None items dropped).
 
     Batch: input_values FloatTensor[B, S] (zero padded on the right), attention_mask
-    LongTensor[B, S] (1 = real sample; ``mask_dtype`` may make it bool/int32), ids list[str];
-    S is rounded up to pad_to_multiple_of.
+    LongTensor[B, S] (1 = real sample; ``mask_dtype`` may make it bool/int32), ids list[str],
+    padded (bool: whether any row has padding); S is rounded up to pad_to_multiple_of.
+
+    With ``crop_seed`` set, every item is cropped to the batch's shortest at a random offset
+    (fairseq's wav2vec 2.0 recipe): no padding, so the model needs no attention mask. The offsets
+    are a function of crop_seed and the batch's ids, so a resumed run crops the same way.
     """
     items = [it for it in items if it is not None]
+    if crop_seed is not None and items:
+        items = _crop_to_shortest(items, crop_seed)
     lengths = [len(it["input_values"]) for it in items]
     seq = max(lengths, default=0)
     if pad_to_multiple_of and seq % pad_to_multiple_of:
@@ -28,7 +36,19 @@ def collate(items: list, pad_to_multiple_of: int | None = None,
         values[row, n:] = 0
         mask[row, :n] = 1
         mask[row, n:] = 0
-    return {"input_values": values_t, "attention_mask": mask_t, "ids": [it["id"] for it in items]}
+    return {"input_values": values_t, "attention_mask": mask_t, "ids": [it["id"] for it in items],
+            "padded": any(n != seq for n in lengths)}
+
+
+def _crop_to_shortest(items: list, crop_seed: int) -> list:
+    shortest = min(len(it["input_values"]) for it in items)
+    rng = np.random.default_rng([crop_seed, zlib.crc32("\n".join(it["id"] for it in items).encode())])
+    out = []
+    for it in items:
+        x = it["input_values"]
+        start = int(rng.integers(0, len(x) - shortest + 1))
+        out.append({**it, "input_values": x[start:start + shortest]})
+    return out
 
 
 def _alloc(shape: tuple[int, int], dtype: torch.dtype) -> torch.Tensor:
@@ -58,13 +78,14 @@ class _Fetcher(torch.utils.data.Dataset):
 
 
 class _Collate:
-    def __init__(self, pad_to_multiple_of, mask_dtype):
+    def __init__(self, pad_to_multiple_of, mask_dtype, crop_seed=None):
         self.pad_to_multiple_of = pad_to_multiple_of
         self.mask_dtype = mask_dtype
+        self.crop_seed = crop_seed
 
     def __call__(self, fetched):
         items, skips, refilled = fetched
-        batch = collate(items, self.pad_to_multiple_of, self.mask_dtype)
+        batch = collate(items, self.pad_to_multiple_of, self.mask_dtype, self.crop_seed)
         batch["_skips"] = skips
         batch["_refilled"] = refilled
         return batch
@@ -84,8 +105,9 @@ class AudioLoader:
 
     def __init__(self, dataset, batches: list[np.ndarray], *, start_batch: int, num_workers: int,
                  pad_to_multiple_of: int | None, prefetch_factor: int = 2,
-                 mask_dtype: torch.dtype = torch.long):
+                 mask_dtype: torch.dtype = torch.long, crop_seed: int | None = None):
         self.dataset = dataset
+        self.crop_seed = crop_seed
         self.batches_per_epoch = len(batches)
         self.start_batch = min(max(int(start_batch), 0), len(batches))
         self._batches = [b.tolist() for b in batches[self.start_batch:]]
@@ -107,7 +129,7 @@ class AudioLoader:
                       persistent_workers=False)
         loader = torch.utils.data.DataLoader(
             _Fetcher(self.dataset), batch_sampler=self._batches, num_workers=self.num_workers,
-            collate_fn=_Collate(self.pad_to_multiple_of, self.mask_dtype),
+            collate_fn=_Collate(self.pad_to_multiple_of, self.mask_dtype, self.crop_seed),
             pin_memory=torch.cuda.is_available(), **kw)
         for batch in loader:
             skips = batch.pop("_skips")
@@ -123,7 +145,7 @@ def build_loader(dataset, *, batch_size: int, shuffle: bool, seed: int, epoch: i
                  world_size: int, num_workers: int, pad_to_multiple_of: int | None,
                  start_batch: int = 0, max_batch_seconds: float | None = None,
                  bucket_chunk: int = BUCKET_CHUNK, prefetch_factor: int = 2,
-                 mask_dtype: torch.dtype = torch.long) -> AudioLoader:
+                 mask_dtype: torch.dtype = torch.long, crop_to_shortest: bool = False) -> AudioLoader:
     """This rank's batches of one epoch (see engine/data/batching.py for the plan).
 
     Every rank gets the same number of batches; ranks cover disjoint items. The plan depends
@@ -135,7 +157,8 @@ def build_loader(dataset, *, batch_size: int, shuffle: bool, seed: int, epoch: i
     process's largest per-batch cost (~3 ms for 8 x 14 s with an int64 mask, measured on CPU).
     ``mask_dtype=torch.bool`` cuts the bytes per batch from 12 to 5 per sample (contract default:
     torch.long). ``prefetch_factor`` batches per worker are kept in flight (shared memory use:
-    workers x prefetch_factor x batch bytes).
+    workers x prefetch_factor x batch bytes). ``crop_to_shortest`` crops each batch to its shortest
+    item (see ``collate``); pair it with ``max_batch_seconds`` so that batches hold similar lengths.
     """
     if not 0 <= rank < world_size:
         raise ValueError(f"rank {rank} not in [0, {world_size})")
@@ -144,4 +167,5 @@ def build_loader(dataset, *, batch_size: int, shuffle: bool, seed: int, epoch: i
                       bucket_chunk=bucket_chunk)
     return AudioLoader(dataset, plan[rank::world_size], start_batch=start_batch,
                        num_workers=num_workers, pad_to_multiple_of=pad_to_multiple_of,
-                       prefetch_factor=prefetch_factor, mask_dtype=mask_dtype)
+                       prefetch_factor=prefetch_factor, mask_dtype=mask_dtype,
+                       crop_seed=(seed * 1_000_003 + epoch) if crop_to_shortest else None)
