@@ -55,6 +55,10 @@ def setup_distributed() -> Dist:
     if torch.cuda.is_available():
         torch.cuda.set_device(local_rank)
         device = torch.device("cuda", local_rank)
+        cap = os.environ.get("W2V_GPU_MEMORY_CAP_GB")  # benchmarks: simulate a smaller card (e.g. 16)
+        if cap:
+            total = torch.cuda.get_device_properties(local_rank).total_memory
+            torch.cuda.set_per_process_memory_fraction(min(1.0, float(cap) * 2**30 / total), local_rank)
     else:
         device = torch.device("cpu")
     if not dist.is_initialized():
