@@ -22,6 +22,7 @@ import torch
 __all__ = ["compute_span_mask", "sample_negatives"]
 
 _INT32_KEY_HIGH = 2**31  # span-start sort keys are uniform int32 in [0, 2**31)
+_FLOAT32_EXACT = 2**24  # integers below this are exact in float32
 
 
 def _max_spans(seq_len: int, mask_prob: float, mask_length: int, min_masks: int) -> int:
@@ -140,7 +141,7 @@ def sample_negatives(mask: torch.Tensor, num_negatives: int,
         return torch.zeros(B, T, num_negatives, dtype=torch.long, device=dev)
     if mask.dtype != torch.bool:
         mask = mask != 0
-    ftype = torch.float32 if B * (T + 1) < 2**24 else torch.float64
+    ftype = torch.float32 if B * (T + 1) < _FLOAT32_EXACT else torch.float64
 
     tokens = mask.to(ftype, memory_format=torch.contiguous_format)  # a copy: mask is bool
     tokens[:, 0] += 1  # the row token
