@@ -11,6 +11,9 @@ Semantics are those of transformers' numpy helpers ``_compute_mask_indices`` and
 * deterministic under a ``torch.Generator`` (bit-exact repeat on the same device); CPU and CUDA
   draw from the same distributions but not the same random streams.
 
+``torch.compile(fullgraph=True)`` traces both without a graph break when ``generator`` is None
+(dynamo cannot trace a ``torch.Generator`` argument).
+
 The tests (tests/test_masking.py) compare both functions with the numpy originals statistically.
 """
 from __future__ import annotations
@@ -49,14 +52,18 @@ def compute_span_mask(frame_lengths: torch.Tensor, seq_len: int, mask_prob: floa
       ``mask_length`` frames; spans may overlap; frames ``>= L`` are never masked;
     * ``L < mask_length`` gives no span for that row.
 
+    Deviation: a row that draws no span gets, in the original, the "dummy" start ``seq_len - 1``,
+    i.e. its *padding* frame ``seq_len - 1`` is masked (and becomes a loss target). Not here.
+
     Choice: ``u`` is drawn once per utterance (the original draws one per batch). Each utterance's
     distribution is identical; utterances are independent instead of rounding up or down together.
 
-    How (about 20 small kernels, no sort larger than ``[B, seq_len]``): per-row counts in float64
-    on ``[B]``; uniform int32 keys on the ``seq_len - mask_length + 1`` possible starts, with keys of
-    starts beyond the row's last valid one set to -1; ``topk(n_max)`` gives each row's starts in
-    random order, so its first ``n`` are a uniform ``n``-subset; the enabled ones are scattered
-    into a left-padded start map and dilated over ``mask_length`` frames by a windowed ``any``.
+    How (16 kernels, topk counting as one; no sort, only a top-k over ``[B, seq_len]``): per-row
+    counts in float64 on ``[B]``; uniform int32 keys on the ``seq_len - mask_length + 1`` possible
+    starts, with keys of starts beyond the row's last valid one set to -1; ``topk(n_max)`` gives
+    each row's starts in random order, so its first ``n`` are a uniform ``n``-subset; the enabled
+    ones are scattered into a left-padded start map and dilated over ``mask_length`` frames by a
+    windowed ``any``.
     (Key ties have probability ~2e-4 per row and only matter at the n-th key: negligible.)
 
     Raises ``ValueError`` for ``mask_prob`` outside ``[0, 1]``, ``mask_length < 1``,
@@ -80,12 +87,15 @@ def compute_span_mask(frame_lengths: torch.Tensor, seq_len: int, mask_prob: floa
     if n_max == 0 or B == 0:
         return torch.zeros(B, seq_len, dtype=torch.bool, device=dev)
 
-    # Number of spans per row (float64; exact integers).
-    lengths = frame_lengths.clamp(max=seq_len)
-    n_starts = lengths - (mask_length - 1)  # valid start positions per row (may be <= 0)
-    u = torch.rand(B, dtype=torch.float64, device=dev, generator=generator)
-    n = torch.add(u, lengths, alpha=mask_prob / mask_length).floor_()
-    n = torch.minimum(n.clamp_(min=min_masks, max=seq_len // mask_length), n_starts)  # < 0 -> none
+    # Number of spans per row, kept unfloored: with x real and k, c integers, k <= floor(x) iff
+    # k <= x, max(floor(x), c) = floor(max(x, c)) and min(floor(x), c) = floor(min(x, c)).
+    # The cap seq_len // mask_length is n_max (the slots drawn per row).
+    rate = mask_prob / mask_length
+    n_starts = frame_lengths.clamp(max=seq_len).sub_(mask_length - 1)  # valid starts, may be <= 0
+    x = torch.empty(B, dtype=torch.float64, device=dev)
+    x.uniform_((mask_length - 1) * rate, (mask_length - 1) * rate + 1, generator=generator)
+    x.add_(n_starts, alpha=rate).clamp_(min=min_masks)  # u + L * rate, at least min_masks
+    x = torch.minimum(x, n_starts)  # at most L - mask_length + 1 (< 1: no span)
 
     # Uniform random order of each row's valid starts; invalid starts rank after every valid one.
     width = seq_len - mask_length + 1
@@ -93,7 +103,7 @@ def compute_span_mask(frame_lengths: torch.Tensor, seq_len: int, mask_prob: floa
                          generator=generator)
     keys.masked_fill_(torch.arange(width, device=dev) >= n_starts[:, None], -1)
     starts = keys.topk(n_max, dim=1, sorted=True).indices  # [B, n_max], distinct per row
-    enabled = torch.arange(n_max, device=dev) < n[:, None]  # first n[b] slots of row b
+    enabled = torch.arange(1, n_max + 1, device=dev) <= x[:, None]  # the first floor(x[b]) slots
 
     # Start map padded by mask_length-1 zeros on the left: frame t is masked iff a start lies in
     # [t - mask_length + 1, t], i.e. iff the window padded[t : t + mask_length] holds one.
@@ -101,6 +111,11 @@ def compute_span_mask(frame_lengths: torch.Tensor, seq_len: int, mask_prob: floa
     padded = torch.zeros(B, seq_len + mask_length - 1, dtype=torch.bool, device=dev)
     padded[:, mask_length - 1:].scatter_(1, starts, enabled)
     return padded.unfold(1, mask_length, 1).any(-1)
+
+
+def _slot_dtype(device: torch.device, n_slots: int) -> torch.dtype:
+    """int32 slot indices halve the traffic on CUDA; CPU's index_select is ~3x slower with them."""
+    return torch.int32 if device.type == "cuda" and n_slots < 2**31 else torch.int64
 
 
 def sample_negatives(mask: torch.Tensor, num_negatives: int,
@@ -112,23 +127,22 @@ def sample_negatives(mask: torch.Tensor, num_negatives: int,
     never another utterance, never an unmasked or padding frame), offset by ``b * T``.
     Unmasked frames get ``b * T`` (as the original; the loss ignores them).
 
-    Choices where the original has none (it raises inside numpy):
+    Choices where the original has none (numpy raises there):
     * a row with exactly one masked frame: that frame's negatives all point to itself. The model
-      sets logits of negatives equal to the positive to -inf, so such a frame contributes only
-      its positive logit; the training step may also drop it from the loss;
+      sets logits of negatives equal to the positive to -inf, so the frame adds exactly 0 to the
+      contrastive loss (tested); it still counts in the number of masked frames;
     * a row with no masked frame: every entry is ``b * T``.
 
-    How, with ``z`` = inclusive cumulative sum over the flattened ``B*T`` frames of
-    ``mask + [t == 0]`` (one extra "row token" at each row start): row ``b``'s tokens are
-    ``P_b`` (row start) and ``P_b + 1 .. P_b + m_b`` (its ``m_b`` masked frames in order), and
-    ``searchsorted(z, q)`` (first index with ``z >= q``) maps token ``q`` to its frame, already in
-    the flattened layout. For a masked frame with token ``g`` and ``m_b >= 2``:
-    ``j = floor(u * (m_b - 1))`` (``u ~ U[0, 1)``), ``q = P_b + 1 + j``, ``q += (q >= g)``: uniform
-    over the row's other masked frames. Unmasked frames use ``q = P_b`` (-> ``b * T``), a lone masked
-    frame ``q = P_b + 1`` (itself). All values are integers < 2**24, exact in float32 (float64 is
-    used beyond that size); ``floor(u * s) <= s - 1`` holds in float32 for every ``u < 1``.
-    About 10 kernels on ``[B, T]`` and 7 on ``[B, T, K]`` (rand, mul, floor, add, ge, add,
-    searchsorted); no sort.
+    How (18 kernels, 5 of them over ``[B, T, K]``: rand, mul, to-int32, add, index_select; no sort,
+    no search). A per-row lookup table lists the row's masked frames twice:
+    ``table[b] = [b*T, f_1 .. f_m, f_1 .. f_m, unused]`` (``f_r``: flattened index of the row's
+    r-th masked frame, built by two scatters). A masked frame of rank ``c`` (1-based) draws
+    ``j = floor(u * (m - 1))`` with ``u ~ U[0, 1)`` and reads slot ``c + 1 + j``: slots ``c + 1 ..
+    c + m - 1`` hold, cyclically, every masked frame of the row but itself, once each, so the
+    negative is uniform over the others. Unmasked frames read slot 0 (``b*T``); a lone masked
+    frame (``m = 1``) reads slot 2, itself. ``floor(u * s) <= s - 1`` holds in float32 for every
+    float32 ``u < 1`` and integer ``s < 2**24`` (float64 is used beyond); slot indices are int32
+    on CUDA.
     """
     num_negatives = int(num_negatives)
     if num_negatives < 0:
@@ -141,18 +155,26 @@ def sample_negatives(mask: torch.Tensor, num_negatives: int,
         return torch.zeros(B, T, num_negatives, dtype=torch.long, device=dev)
     if mask.dtype != torch.bool:
         mask = mask != 0
-    ftype = torch.float32 if B * (T + 1) < _FLOAT32_EXACT else torch.float64
+    ftype = torch.float32 if T < _FLOAT32_EXACT else torch.float64
+    width = 3 * T + 2  # slot 0, two copies (1 .. 2m), scatter dump for unmasked frames (> 2T)
+    itype = _slot_dtype(dev, B * width)
 
-    tokens = mask.to(ftype, memory_format=torch.contiguous_format)  # a copy: mask is bool
-    tokens[:, 0] += 1  # the row token
-    z = tokens.view(-1).cumsum(0).view(B, T)
-    first = (z[:, :1] - tokens[:, :1]).add_(1)  # P_b: the row token's value [B, 1]
-    count = z[:, -1:] - first  # m_b: masked frames in the row           [B, 1]
-    scale = mask * (count - 1)  # m_b - 1 for masked frames, else 0 (-0.0 if m_b == 0: harmless)
-    base = mask + first  # P_b + 1 for masked frames, P_b for unmasked ones
-    skip_from = torch.where(scale > 0, z, math.inf)  # own token g; inf: no skip (lone / unmasked)
+    # Per-frame parameters on [B, T].
+    rank = mask.cumsum(1, dtype=itype)  # 1-based rank of each masked frame in its row
+    count = rank[:, -1:]  # m: masked frames per row
+    scale = mask * (count - 1)  # m - 1 for masked frames, 0 for unmasked ones
+    row_offset = torch.arange(0, B * width, width, dtype=itype, device=dev)[:, None]
+    first_slot = torch.addcmul(row_offset, rank + 1, mask)  # flat slot c+1 (masked) or 0 (unmasked)
 
-    q = torch.rand(B, T, num_negatives, dtype=ftype, device=dev, generator=generator)
-    q.mul_(scale[..., None]).floor_().add_(base[..., None])
-    q.add_(q >= skip_from[..., None])
-    return torch.searchsorted(z.view(-1), q)
+    # The table. Unmasked frames' scatters land in the unused part (> 2T), never read.
+    frames = torch.arange(B * T, device=dev).view(B, T)
+    table = frames[:, :1].expand(B, width).contiguous()  # b*T everywhere: slot 0 and any unused
+    slot = torch.where(mask, rank, 2 * T + 1).long()  # scatter wants int64 indices
+    table.scatter_(1, slot, frames)  # first copy: slot r holds f_r
+    table.scatter_(1, slot.add_(count), frames)  # second copy: slot m + r holds f_r
+
+    # Per-negative work on [B, T, K].
+    u = torch.rand(B, T, num_negatives, dtype=ftype, device=dev, generator=generator)
+    j = u.mul_(scale[..., None]).to(itype)  # floor(u * (m - 1)): truncation of a value >= 0
+    j.add_(first_slot[..., None])
+    return table.view(-1).index_select(0, j.view(-1)).view(B, T, num_negatives)

@@ -435,6 +435,15 @@ def test_float64_path(monkeypatch):
     assert neg.shape == ref.shape
 
 
+def test_int32_slot_path(monkeypatch):
+    """CUDA uses int32 slot indices: exercise that path on CPU."""
+    mask = random_masks(4)
+    ref = sample_negatives(mask, 30, generator=gen(3))
+    monkeypatch.setattr(masking, "_slot_dtype", lambda device, n: torch.int32)
+    neg = sample_negatives(mask, 30, generator=gen(3))
+    assert torch.equal(neg, ref)
+
+
 # ------------------------------------------------------------------------ determinism and no sync
 def test_deterministic_under_a_generator():
     lengths = torch.tensor([999, 700, 321, 15])
