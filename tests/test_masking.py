@@ -487,3 +487,37 @@ def test_traces_as_one_graph():
 
     with pytest.raises(Exception):  # the check itself: a host sync does break the graph
         torch.compile(synchronising, fullgraph=True, backend="eager")(torch.ones(3))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (run on the GPU machine)")
+def test_cuda_invariants_determinism_and_graph_capture():
+    dev = torch.device("cuda")
+    lengths = torch.tensor([999, 871, 604, 250, 101, 40, 9], device=dev)
+    g = torch.Generator(device=dev)
+    masks, negs = [], []
+    for _ in range(2):
+        g.manual_seed(0)
+        masks.append(compute_span_mask(lengths, 999, 0.65, 10, 2, generator=g))
+        negs.append(sample_negatives(masks[-1], 100, generator=g))
+    assert torch.equal(masks[0], masks[1]) and torch.equal(negs[0], negs[1])
+    assert not (masks[0] & (torch.arange(999, device=dev) >= lengths[:, None])).any()
+    check_negative_invariants(masks[0].cpu(), negs[0].cpu())
+    frac = masks[0].sum(1).float() / lengths.float()
+    assert (frac[:5] > 0.2).all()  # spans were drawn
+    # capture in a CUDA graph (the default generator is graph-safe) and replay
+    static = lengths.clone()
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        sample_negatives(compute_span_mask(static, 999, 0.65, 10, 2), 100)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        mask = compute_span_mask(static, 999, 0.65, 10, 2)
+        neg = sample_negatives(mask, 100)
+    graph.replay()
+    first = mask.clone()
+    graph.replay()
+    torch.cuda.synchronize()
+    assert not torch.equal(first, mask)  # fresh randomness on each replay
+    check_negative_invariants(mask.cpu(), neg.cpu())
