@@ -527,13 +527,16 @@ def estimate_step(facts: ModelFacts, *, stage: int, offload: str, checkpointing:
 
 @dataclass(frozen=True)
 class MemoryBreakdown:
+    """Estimated peak bytes per GPU. total = params + grads + optimizer + buffers
+    + max(activations, optimizer_step_temp) + margin."""
     params: float
     grads: float
-    optimizer: float
-    activations: float
-    buffers: float
-    margin: float
+    optimizer: float             # persistent optimizer states on the GPU
+    activations: float           # activation peak of one micro-step (saved tensors + backward transient)
+    buffers: float               # DeepSpeed buckets, offload staging, ZeRO-3 gathered parameters
+    margin: float                # workspaces and fragmentation
     total: float
+    optimizer_step_temp: float = 0.0  # fp32 gradient copies of the optimizer step (after activations are freed)
 
     def gib(self) -> dict:
         return {k: round(v / GIB, 2) for k, v in asdict(self).items()}
@@ -598,7 +601,9 @@ class Plan:
             ("effective batch", f"{self.effective_batch_seconds:g} audio-s (target {self.target_effective_batch_seconds:g})"),
             ("GPU params", f"{g['params']:.2f} GiB"),
             ("GPU grads", f"{g['grads']:.2f} GiB"),
-            ("GPU optimizer states", f"{g['optimizer']:.2f} GiB"),
+            ("GPU optimizer states", f"{g['optimizer']:.2f} GiB"
+                                     + (f" (+ {g['optimizer_step_temp']:.2f} GiB temp in the step, overlaps activations)"
+                                        if self.gpu.optimizer_step_temp else "")),
             ("GPU activations (peak)", f"{g['activations']:.2f} GiB"),
             ("GPU DeepSpeed buffers", f"{g['buffers']:.2f} GiB"),
             ("GPU workspace/fragmentation", f"{g['margin']:.2f} GiB"),
@@ -638,8 +643,23 @@ def _gpu_total(states: StateEstimate, act: ActivationEstimate) -> MemoryBreakdow
     margin = MARGIN_GIB * GIB + MARGIN_FRACTION * act.peak
     acts = max(act.peak, states.step_transient)
     total = states.params + states.grads + states.optimizer + states.buffers + acts + margin
-    return MemoryBreakdown(states.params, states.grads, states.optimizer + states.step_transient, act.peak,
-                           states.buffers, margin, total)
+    return MemoryBreakdown(states.params, states.grads, states.optimizer, act.peak, states.buffers, margin, total,
+                           states.step_transient)
+
+
+def estimate_memory(config, *, zero_stage: int, offload: str = "none", gradient_checkpointing: bool = False,
+                    micro_batch_size: int = 1, max_duration_in_seconds: float = 20.0, precision: str = "bf16",
+                    world_size: int = 1, num_nodes: int = 1, attn_implementation: str = "sdpa",
+                    zero_config: dict | None = None, zero_init: bool = False) -> tuple[MemoryBreakdown, float]:
+    """(GPU peak breakdown, host bytes per node) of a given configuration: for checking a hand-made
+    configuration (pretrain.py without the planner) or comparing with a measurement."""
+    facts = model_facts(config)
+    states = model_state_bytes(facts, stage=zero_stage, offload=offload or "none", precision=precision,
+                               world_size=world_size, num_nodes=num_nodes, zero_config=zero_config,
+                               zero_init=zero_init)
+    act = activation_bytes(facts, max_duration_in_seconds, batch=micro_batch_size, precision=precision,
+                           checkpointing=gradient_checkpointing, attn_implementation=attn_implementation)
+    return _gpu_total(states, act), states.host
 
 
 def read_host_memory_gb() -> float:
@@ -750,10 +770,11 @@ def plan(config, *, gpu_memory_gb="auto", host_memory_gb: float | None = None, w
         while mem(n_max + 1).total <= budget and n_max < 100_000:
             n_max += 1
         amortize = c.offload != "none" and not pinned
-        n = n_max if amortize else min(n_max, math.ceil(target_utts - 1e-9))
-        accum = max(1, math.ceil(target_utts / n - 1e-9))
-        if not amortize:
-            n = max(1, math.ceil(target_utts / accum - 1e-9))
+        if amortize:
+            n = n_max
+            accum = max(1, math.ceil(target_utts / n - 1e-9))
+        else:
+            n, accum = _split_batch(target_utts, n_max)
         est = estimate_step(facts, stage=c.stage, offload=c.offload, checkpointing=c.checkpointing,
                             precision=precision, micro_utts=n, seconds=dur, accum=accum,
                             world_size=world_size, num_nodes=num_nodes, tp=throughput)
@@ -788,6 +809,20 @@ def plan(config, *, gpu_memory_gb="auto", host_memory_gb: float | None = None, w
         max_duration_in_seconds=dur, gpu_memory_gb=gpu_gb, host_memory_gb=host_gb, gpu=gpu,
         host_bytes=states.host, est_step_seconds=est.step_seconds, est_audio_seconds_per_second=est.audio_per_second,
         reason=reason, zero_config=zc_used, alternatives=alternatives)
+
+
+def _split_batch(target_utts: float, n_max: int) -> tuple[int, int]:
+    """(micro-batch, accumulation) covering `target_utts` per GPU: the micro-batch stays within 75% of
+    the largest that fits; among those, the smallest overshoot of the target, then the larger micro-batch."""
+    n_cap = min(n_max, max(1, math.ceil(target_utts - 1e-9)))
+    best = None
+    for n in range(n_cap, max(1, math.ceil(0.75 * n_cap)) - 1, -1):
+        accum = max(1, math.ceil(target_utts / n - 1e-9))
+        m = max(1, math.ceil(target_utts / accum - 1e-9))  # same accumulation, smallest micro-batch
+        key = (m * accum - target_utts, -m)
+        if best is None or key < best[0]:
+            best = (key, m, accum)
+    return best[1], best[2]
 
 
 def _reason(c, n, n_max, accum, est, fits, tier, pinned, target_utts, dur, world, min_gpu_s, gpu_gb) -> str:

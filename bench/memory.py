@@ -1,0 +1,375 @@
+"""Memory/throughput benchmark of the planner's choice against plain ZeRO configs, under a GPU memory cap.
+
+On the GPU machine (one H100, capped at 16 GiB like a 16 GB card):
+
+    python bench/memory.py                                   # large, xlsr-1b, xlsr-2b x (plan, zero2, zero3)
+    python bench/memory.py --models xlsr-1b --configs plan,zero2-offload --steps 2
+    python bench/memory.py --json out/memory.json            # also write the rows
+
+CPU smoke check (tiny model, a few seconds per config):
+
+    python bench/memory.py --device cpu --tiny
+
+Configs (per model):
+  plan            the planner's choice for --cap_gb / --host_memory_gb (stage, offload, checkpointing,
+                  micro-batch, accumulation)
+  zero2, zero3    plain ZeRO-2 / ZeRO-3 without offload at the seed's batch (--seed_batch utterances of
+                  --max_duration s, --seed_accum accumulation, gradient checkpointing as in the seed's recipes)
+  zero2-offload   ZeRO-2 + CPU optimizer offload at the seed's batch
+  zero3-offload   ZeRO-3 + CPU param and optimizer offload at the seed's batch
+
+Each config runs in its own subprocess (OOM or DeepSpeed leftovers cannot spill into the next one):
+`torch.cuda.set_per_process_memory_fraction(cap / total)` before the model is built, DeepSpeed in
+one process (RANK=0 ... MASTER_PORT set if missing), --warmup optimizer steps, then --steps timed
+optimizer steps with synthetic utterances (the last one of each micro-batch 10% shorter, so the
+attention gets a padding mask as in real batches). Reported: peak allocated / reserved memory, the
+planner's estimate for that config, optimizer-step time, micro-step time and audio seconds per second.
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+GIB = 2 ** 30
+CONFIG_NAMES = ("plan", "zero2", "zero3", "zero2-offload", "zero3-offload")
+
+# Private copy of the presets until engine/models.py (PRESETS, load_config, apply_perplexity_fix) lands.
+_COMMON = dict(mask_time_prob=0.65, mask_time_length=10, num_negatives=100, num_codevector_groups=2,
+               num_codevectors_per_group=320, contrastive_logits_temperature=0.1, diversity_loss_weight=0.1,
+               layerdrop=0.0, feat_quantizer_dropout=0.0)
+_LARGE = dict(feat_extract_norm="layer", do_stable_layer_norm=True, conv_bias=True, feat_extract_activation="gelu")
+_DROP = dict(hidden_dropout=0.1, attention_dropout=0.1, activation_dropout=0.0, feat_proj_dropout=0.1)
+_PRESETS = {
+    "tiny": dict(_COMMON, **_LARGE, hidden_size=64, num_hidden_layers=2, num_attention_heads=2, intermediate_size=128,
+                 conv_dim=(64,) * 7, num_conv_pos_embeddings=16, num_conv_pos_embedding_groups=4,
+                 num_codevectors_per_group=32, codevector_dim=64, proj_codevector_dim=64, num_negatives=20,
+                 **_DROP),
+    "base": dict(_COMMON, hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072,
+                 feat_extract_norm="group", do_stable_layer_norm=False, conv_bias=False, codevector_dim=256,
+                 proj_codevector_dim=256, **_DROP),
+    "large": dict(_COMMON, **_LARGE, hidden_size=1024, num_hidden_layers=24, num_attention_heads=16,
+                  intermediate_size=4096, codevector_dim=768, proj_codevector_dim=768, **_DROP),
+    "xlsr-1b": dict(_COMMON, **_LARGE, hidden_size=1280, num_hidden_layers=48, num_attention_heads=16,
+                    intermediate_size=5120, codevector_dim=1024, proj_codevector_dim=1024, **_DROP),
+    "xlsr-2b": dict(_COMMON, **_LARGE, hidden_size=1920, num_hidden_layers=48, num_attention_heads=16,
+                    intermediate_size=7680, codevector_dim=1024, proj_codevector_dim=1024, **_DROP),
+}
+
+
+def load_config(name: str):
+    try:
+        from engine.models import load_config as lc
+    except ImportError:
+        lc = None
+    if lc is not None:
+        return lc("demo" if name == "tiny" else name)
+    from transformers import Wav2Vec2Config
+
+    return Wav2Vec2Config(**_PRESETS[name])
+
+
+def perplexity_fix(model):
+    try:
+        from engine.models import apply_perplexity_fix
+    except ImportError:
+        apply_perplexity_fix = None
+    if apply_perplexity_fix is not None:
+        return apply_perplexity_fix(model)
+    import torch
+
+    def stable(probs, mask=None):  # transformers 5.x's xlogy has NaN gradients at p == 0
+        if mask is not None:
+            keep = mask.flatten()[:, None, None].expand(probs.shape)
+            probs = torch.where(keep, probs, torch.zeros_like(probs))
+            marginal = probs.sum(dim=0) / mask.sum().clamp_min(1)
+        else:
+            marginal = probs.mean(dim=0)
+        return torch.exp(-torch.sum(marginal * torch.log(marginal + 1e-7), dim=-1)).sum()
+
+    model.quantizer._compute_perplexity = stable
+    return model
+
+
+def resolve_setting(args, model_name: str, which: str) -> dict:
+    """stage / offload / checkpointing / micro-batch / accumulation (+ planner estimate) of one config."""
+    from engine.planner import Plan, estimate_memory, plan
+
+    config = load_config(model_name)
+    dur = args.max_duration
+    if which == "plan":
+        p: Plan = plan(config, gpu_memory_gb=args.cap_gb, host_memory_gb=args.host_memory_gb, world_size=1,
+                       precision=args.precision, max_duration_in_seconds=dur,
+                       per_device_train_batch_size=args.seed_batch, gradient_accumulation_steps=args.seed_accum,
+                       effective_batch_seconds=args.effective_batch_seconds, name=model_name)
+        s = dict(stage=p.zero_stage, offload=p.offload, ckpt=p.gradient_checkpointing, micro=p.micro_batch_size,
+                 accum=p.gradient_accumulation_steps, zero_config=p.zero_config, est_gib=p.gpu.total / GIB,
+                 est_audio_per_s=p.est_audio_seconds_per_second)
+    else:
+        stage = 2 if which.startswith("zero2") else 3
+        offload = "none" if not which.endswith("offload") else ("optimizer" if stage == 2 else "all")
+        s = dict(stage=stage, offload=offload, ckpt=True, micro=args.seed_batch, accum=args.seed_accum,
+                 zero_config=None, est_audio_per_s=None)
+        try:
+            mem, _host = estimate_memory(config, zero_stage=stage, offload=offload, gradient_checkpointing=True,
+                                         micro_batch_size=args.seed_batch, max_duration_in_seconds=dur,
+                                         precision=args.precision)
+            s["est_gib"] = mem.total / GIB
+        except Exception:  # the estimate is informative only
+            s["est_gib"] = None
+    if args.accum is not None:
+        s["accum"] = args.accum
+    return s
+
+
+def ds_config(setting: dict, precision: str, device: str) -> dict:
+    from engine.planner import DEFAULT_ZERO_CONFIG
+
+    zero = {"stage": setting["stage"], **DEFAULT_ZERO_CONFIG.get(setting["stage"], {}),
+            **(setting.get("zero_config") or {})}
+    zero["contiguous_gradients"] = setting["stage"] > 0
+    if setting["offload"] in ("optimizer", "all"):
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": device == "cuda"}
+    if setting["offload"] == "all":
+        zero["offload_param"] = {"device": "cpu", "pin_memory": device == "cuda"}
+    params = {"lr": 1e-4, "betas": [0.9, 0.98], "eps": 1e-6, "weight_decay": 0.01}
+    if device != "cuda" and setting["offload"] == "none":
+        params["torch_adam"] = True  # FusedAdam is CUDA-only
+    cfg = {
+        "train_micro_batch_size_per_gpu": setting["micro"],
+        "gradient_accumulation_steps": setting["accum"],
+        "gradient_clipping": 0.0,
+        "optimizer": {"type": "AdamW", "params": params},
+        "zero_optimization": zero,
+        "steps_per_print": 10 ** 9,
+        "wall_clock_breakdown": False,
+    }
+    if precision in ("bf16", "fp16"):
+        cfg[precision] = {"enabled": True}
+    return cfg
+
+
+def run_one(args, model_name: str, which: str) -> dict:
+    """Build, train a few steps, measure. Runs in the subprocess."""
+    for k, v in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1"), ("MASTER_ADDR", "127.0.0.1"),
+                 ("MASTER_PORT", str(args.port))):
+        os.environ.setdefault(k, v)
+    if args.device == "cuda":  # JIT-built DeepSpeed ops (cpu_adam, fused_adam) in an ignored dir kept between runs
+        os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(ROOT / "build" / "torch_extensions"))
+    import numpy as np
+    import torch
+
+    row = {"model": model_name, "config": which}
+    setting = resolve_setting(args, model_name, which)
+    row.update({k: setting[k] for k in ("stage", "offload", "ckpt", "micro", "accum", "est_gib", "est_audio_per_s")})
+    cuda = args.device == "cuda"
+    if cuda:
+        total = torch.cuda.get_device_properties(0).total_memory
+        torch.cuda.set_per_process_memory_fraction(min(1.0, args.cap_gb * GIB / total))
+    import deepspeed
+    import transformers
+    from transformers import Wav2Vec2ForPreTraining
+    from transformers.models.wav2vec2.modeling_wav2vec2 import _compute_mask_indices, _sample_negative_indices
+
+    transformers.logging.set_verbosity_error()
+    torch.manual_seed(0)
+    config = load_config(model_name)
+    config._attn_implementation = args.attn
+    model = perplexity_fix(Wav2Vec2ForPreTraining(config))
+    if setting["ckpt"]:
+        model.gradient_checkpointing_enable()
+    t0 = time.perf_counter()
+    engine, *_ = deepspeed.initialize(model=model, model_parameters=[p for p in model.parameters() if p.requires_grad],
+                                      config=ds_config(setting, args.precision, args.device))
+    row["init_s"] = round(time.perf_counter() - t0, 1)
+    device = engine.device
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.precision]
+    samples = int(args.max_duration * 16000)
+    rng = np.random.default_rng(0)
+    B = setting["micro"]
+    lengths = [samples] * B
+    if B > 1:
+        lengths[-1] = int(samples * 0.9)
+    frames = int(engine.module._get_feat_extract_output_lengths(samples))
+    frame_lengths = [int(engine.module._get_feat_extract_output_lengths(n)) for n in lengths]
+
+    def micro_batch():
+        x = torch.randn(B, samples, dtype=dtype)
+        att = torch.zeros(B, samples, dtype=torch.long)
+        for i, n in enumerate(lengths):
+            att[i, :n] = 1
+            x[i, n:] = 0
+        sub_att = np.zeros((B, frames), dtype=bool)
+        for i, n in enumerate(frame_lengths):
+            sub_att[i, :n] = True
+        mask = _compute_mask_indices((B, frames), mask_prob=0.65, mask_length=10, attention_mask=torch.tensor(sub_att),
+                                     min_masks=2)
+        neg = _sample_negative_indices((B, frames), config.num_negatives, mask_time_indices=mask)
+        return (x.to(device), att.to(device), torch.tensor(mask, device=device), torch.tensor(neg, device=device))
+
+    def sync():
+        if cuda:
+            torch.cuda.synchronize()
+
+    audio_per_step = sum(lengths) / 16000 * setting["accum"]
+    step_times, micro_times = [], []
+    try:
+        if cuda:
+            row["after_init_gib"] = round(torch.cuda.memory_allocated() / GIB, 2)
+            torch.cuda.reset_peak_memory_stats()
+        for step in range(args.warmup + args.steps):
+            sync()
+            t_step = time.perf_counter()
+            for _ in range(setting["accum"]):
+                x, att, mask, neg = micro_batch()
+                sync()
+                t_micro = time.perf_counter()
+                out = engine(input_values=x, attention_mask=att, mask_time_indices=mask, sampled_negative_indices=neg)
+                loss = out.loss / mask.sum().clamp_min(1)
+                engine.backward(loss)
+                engine.step()
+                sync()
+                if step >= args.warmup:
+                    micro_times.append(time.perf_counter() - t_micro)
+            if step >= args.warmup:
+                step_times.append(time.perf_counter() - t_step)
+            if not torch.isfinite(loss.detach()).item():
+                row["status"] = "nan loss"
+        row.setdefault("status", "ok")
+    except torch.OutOfMemoryError:
+        row["status"] = "OOM"
+    except RuntimeError as exc:  # NCCL/cuBLAS allocation failures surface as RuntimeError
+        row["status"] = "OOM" if "out of memory" in str(exc).lower() else f"error: {str(exc).splitlines()[0][:120]}"
+    if cuda:
+        row["peak_alloc_gib"] = round(torch.cuda.max_memory_allocated() / GIB, 2)
+        row["peak_reserved_gib"] = round(torch.cuda.max_memory_reserved() / GIB, 2)
+    if step_times:
+        st = sorted(step_times)[len(step_times) // 2]
+        row["step_s"] = round(st, 3)
+        # micro-steps except the boundary one (whose time includes the optimizer step)
+        inner = [t for i, t in enumerate(micro_times) if (i + 1) % setting["accum"]] or micro_times
+        row["micro_s"] = round(sorted(inner)[len(inner) // 2], 3)
+        row["audio_per_s"] = round(audio_per_step / st, 1)
+    del engine, model
+    gc.collect()
+    return row
+
+
+def fmt_table(rows: list[dict]) -> str:
+    cols = [("model", "model"), ("config", "config"), ("stage", "ZeRO"), ("offload", "offload"), ("ckpt", "ckpt"),
+            ("micro", "micro"), ("accum", "accum"), ("est_gib", "est GiB"), ("peak_alloc_gib", "peak alloc"),
+            ("peak_reserved_gib", "peak rsvd"), ("step_s", "step s"), ("micro_s", "micro s"),
+            ("audio_per_s", "audio-s/s"), ("est_audio_per_s", "est a-s/s"), ("status", "status")]
+
+    def cell(r, k):
+        v = r.get(k)
+        if v is None:
+            return "-"
+        if isinstance(v, float):
+            return f"{v:.2f}" if k.endswith("gib") or k.endswith("_s") else f"{v:.0f}"
+        return str(v)
+
+    table = [[h for _, h in cols]] + [[cell(r, k) for k, _ in cols] for r in rows]
+    widths = [max(len(row[i]) for row in table) for i in range(len(cols))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths)) for row in table]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--models", default="large,xlsr-1b,xlsr-2b")
+    p.add_argument("--configs", default="plan,zero2,zero3", help=f"comma list of {', '.join(CONFIG_NAMES)}")
+    p.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
+    p.add_argument("--tiny", action="store_true", help="CPU smoke check: the tiny model, 2 s utterances, 1 step")
+    p.add_argument("--cap_gb", type=float, default=16.0, help="GPU memory cap (GiB) and the planner's budget")
+    p.add_argument("--host_memory_gb", type=float, default=None, help="planner's host budget (default: MemAvailable)")
+    p.add_argument("--precision", default="bf16", choices=["bf16", "fp16", "fp32"])
+    p.add_argument("--attn", default="sdpa", choices=["sdpa", "eager"])
+    p.add_argument("--max_duration", type=float, default=20.0, help="seconds per utterance")
+    p.add_argument("--seed_batch", type=int, default=2, help="the seed's per-device utterances (large recipe)")
+    p.add_argument("--seed_accum", type=int, default=8, help="the seed's gradient accumulation (large recipe)")
+    p.add_argument("--effective_batch_seconds", type=float, default=None, help="pin the planner's effective batch")
+    p.add_argument("--accum", type=int, default=None, help="override accumulation of every config (shorter runs)")
+    p.add_argument("--warmup", type=int, default=1, help="untimed optimizer steps")
+    p.add_argument("--steps", type=int, default=2, help="timed optimizer steps")
+    p.add_argument("--port", type=int, default=29500)
+    p.add_argument("--timeout", type=float, default=1800, help="seconds per config")
+    p.add_argument("--json", default=None, help="also write the rows here")
+    p.add_argument("--inline", action="store_true", help="run configs in this process (no subprocess)")
+    p.add_argument("--_one", default=None, help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.tiny:
+        args.models = "tiny" if args.models == p.get_default("models") else args.models
+        args.max_duration = 2.0 if args.max_duration == p.get_default("max_duration") else args.max_duration
+        args.warmup, args.steps = min(args.warmup, 1), min(args.steps, 1)
+        args.accum = args.accum or 2
+        if args.device == "cpu" and args.precision == "fp16":
+            args.precision = "bf16"
+    if args.device == "cpu":
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    return args
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    if args._one:
+        model_name, which = args._one.split(":")
+        row = run_one(args, model_name, which)
+        print("BENCH_ROW " + json.dumps(row), flush=True)
+        return 0
+    models = [m for m in args.models.split(",") if m]
+    configs = [c for c in args.configs.split(",") if c]
+    bad = [c for c in configs if c not in CONFIG_NAMES]
+    if bad:
+        print(f"unknown --configs {bad}; choose from {CONFIG_NAMES}", file=sys.stderr)
+        return 2
+    rows = []
+    argv = list(sys.argv[1:] if argv is None else argv)
+    for i, (m, c) in enumerate((m, c) for m in models for c in configs):
+        print(f"== {m} / {c}", flush=True)
+        if args.inline:
+            try:
+                row = run_one(args, m, c)
+            except Exception as exc:  # keep going with the other configs
+                row = {"model": m, "config": c, "status": f"error: {exc}"[:140]}
+        else:
+            cmd = [sys.executable, str(Path(__file__).resolve()), *argv, "--_one", f"{m}:{c}",
+                   "--port", str(args.port + i)]
+            env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+            try:
+                proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout, env=env)
+                found = [ln for ln in proc.stdout.splitlines() if ln.startswith("BENCH_ROW ")]
+                if found:
+                    row = json.loads(found[-1][len("BENCH_ROW "):])
+                else:
+                    tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
+                    oom = any("out of memory" in ln.lower() or "OutOfMemory" in ln for ln in tail)
+                    row = {"model": m, "config": c, "status": "OOM" if oom else f"failed rc={proc.returncode}: "
+                           + " | ".join(tail)[-200:]}
+            except subprocess.TimeoutExpired:
+                row = {"model": m, "config": c, "status": f"timeout {args.timeout:.0f}s"}
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    print()
+    print(f"device {args.device}, cap {args.cap_gb:g} GiB, {args.precision}, {args.max_duration:g} s utterances, "
+          f"{args.steps} timed step(s) after {args.warmup} warm-up")
+    print(fmt_table(rows))
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(rows, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
