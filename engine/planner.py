@@ -22,9 +22,10 @@ Activation model (measured, see ACTIVATION_COEFFS and `calibrate`)
 For one utterance of S samples (F = frames after the conv feature encoder, about 50 per second) in a
 micro-batch, with e = 2 bytes (bf16/fp16) or 4 (fp32):
 
-  saved(S) = conv        k_conv[norm, ckpt] * sum_i C_i * n_i          (n_i = output length of conv layer i;
-                                                                        at 512 channels ~3.25M elems per audio-s,
-                                                                        dominated by the 3.2 kHz first layer)
+  saved(S) = conv        k_s*S + k_0*C_0*n_0 + k_mid*sum_{i=1..5} C_i*n_i + k_6*C_6*n_6
+                         (n_i = output length of conv layer i; k per feature-encoder norm, with or without
+                         checkpointing; at 512 channels the outputs are ~3.25M elements per audio-s,
+                         half of them the 3.2 kHz first layer's)
            + transformer F * L * (a_h*h + a_f*f + a_n*heads + a_0)     without checkpointing
                          F * L * e*h                                   with checkpointing (the layer inputs)
            + attention   L * heads * F^2 * (e, +e+1 with dropout)      eager attention;
@@ -67,25 +68,32 @@ SAMPLING_RATE = 16_000
 # non-reentrant default keeps the same tensors). "Peak" = the highest sum of live op outputs during
 # forward + backward (a TorchDispatchMode that frees a storage's bytes when its StorageImpl dies),
 # parameter gradients dropped as soon as they are accumulated (DeepSpeed moves them to its buffers).
-# Fits: conv by the slope between 1 s and 2 s; layers by least squares over (h, f, heads) at 2 s;
+# Fits: conv by least squares over five channel layouts at 1 s and 2 s; layers by least squares over (h, f, heads) at 2 s;
 # head by least squares over the head dimensions of the slope between 2 s and 3 s; the transient by
 # configs where one of its two phases dominates. Bytes; see the module docstring for the formula.
 # Dropout masks are not in these numbers (CPU dropout keeps a mask in the input dtype, CUDA a bool):
 # the planner adds 1 byte per element of each active dropout.
 ACTIVATION_COEFFS: dict = {
     "16": {
-        "conv": {"group": 5.002, "group_ckpt": 1.994, "layer": 6.002, "layer_ckpt": 1.994},
+        # conv: bytes per (input sample, layer-0 / layers 1-5 / layer-6 output element)
+        "conv": {"group": [2.0, 6.001, 4.0, 2.0], "group_ckpt": [2.0, 2.0, 2.0, 0.0],
+                 "layer": [3.586, 6.0, 6.0, 4.0], "layer_ckpt": [2.0, 2.0, 2.0, 0.0]},
+        # transformer layer: bytes per frame per layer = h*hidden + f*ffn + heads*heads + one
         "layer": {"h": 16.0, "f": 4.0, "heads": 4.0, "one": 8.0},
-        "head": {"kd": 12.453, "dp": -29.313, "gv": 9.92, "h": 7.2, "c": 4.0, "dc": 2.525, "one": 3021.8},
+        # head: bytes per frame = kd*K*D_p + dp*D_p + gv*G*V + h*hidden + c*C_last + dc*D_c + one
+        "head": {"kd": 12.453, "dp": -29.313, "gv": 9.92, "h": 8.0, "c": 4.0, "dc": 2.125, "one": 2996.2},
+        # transient: bytes per frame = max(c*(K+1)*D_p, q*V*D_c - s*(K+1)*D_p)
         "transient": {"c": 15.955, "q": 5.995, "s": 12.453},
     },
     "32": {
-        "conv": {"group": 10.004, "group_ckpt": 3.988, "layer": 12.004, "layer_ckpt": 3.988},
+        "conv": {"group": [4.0, 12.002, 8.0, 4.0], "group_ckpt": [4.0, 4.0, 4.0, 0.0],
+                 "layer": [7.173, 12.0, 12.0, 8.0], "layer_ckpt": [4.0, 4.0, 4.0, 0.0]},
         "layer": {"h": 32.0, "f": 8.0, "heads": 4.0, "one": 16.0},
-        "head": {"kd": 12.453, "dp": -30.113, "gv": 11.92, "h": 16.0, "c": 8.0, "dc": 3.725, "one": 3081.0},
+        "head": {"kd": 12.453, "dp": -29.313, "gv": 12.0, "h": 16.0, "c": 8.0, "dc": 4.125, "one": 2953.0},
         "transient": {"c": 15.93, "q": 11.992, "s": 12.453},
     },
 }
+
 
 
 # Rough throughput model (H100-class defaults; override with --gpu_tflops etc.). Only used to rank
@@ -293,6 +301,12 @@ class ActivationEstimate:
         return self.saved + self.transient
 
 
+def _conv_features(facts: ModelFacts, samples: int, lengths: list[int]) -> tuple:
+    """(input samples, first layer's output elements, middle layers' output elements, last layer's)."""
+    outs = [c * n for c, n in zip(facts.conv_dim, lengths)]
+    return (samples, outs[0], sum(outs[1:-1]), outs[-1])
+
+
 def activation_bytes(facts: ModelFacts, seconds: float, *, batch: int = 1, precision: str = "bf16",
                      checkpointing: bool = False, attn_implementation: str = "sdpa",
                      coeffs: dict | None = None, include_dropout: bool = True, dropout_mask_bytes: int = 1,
@@ -314,9 +328,8 @@ def activation_bytes(facts: ModelFacts, seconds: float, *, batch: int = 1, preci
     GV, VDc = facts.num_groups * facts.num_vars, facts.num_vars * facts.codevector_dim
     C = facts.conv_dim[-1]
 
-    conv_elems = sum(c * n for c, n in zip(facts.conv_dim, lengths))
-    conv_key = facts.feat_extract_norm + ("_ckpt" if checkpointing else "")
-    conv = co["conv"][conv_key] * conv_elems
+    cc = co["conv"][facts.feat_extract_norm + ("_ckpt" if checkpointing else "")]
+    conv = sum(w * x for w, x in zip(cc, _conv_features(facts, samples, lengths)))
 
     lc = co["layer"]
     full_layer = lc["h"] * h + lc["f"] * f + lc["heads"] * H + lc["one"]
@@ -866,20 +879,24 @@ def _refusal(name, facts, needs, gpu_gb, host_gb, world, dur, precision) -> str:
     return "\n".join(lines)
 
 
-def plan_from_args(args, config, world_size: int, *, gpu_memory_gb=None, host_memory_gb=None) -> Plan:
-    """Plan for a pretrain.py args namespace. Reads (when present): gpu_memory_gb, host_memory_gb,
-    num_nodes, precision ('auto' -> bf16 if the GPU supports it else fp32 on CPU, bf16 on CUDA),
-    max_duration_in_seconds, per_device_train_batch_size, gradient_accumulation_steps,
-    effective_batch_seconds, attn_implementation, and zero_stage / offload as constraints."""
+def plan_from_args(args, config, world_size: int, *, precision: str | None = None, gpu_memory_gb=None,
+                   host_memory_gb=None) -> Plan:
+    """Plan for a pretrain.py args namespace. Reads (when present): gpu_memory_gb ('auto' or GiB),
+    host_memory_gb, num_nodes, precision, max_duration_in_seconds, per_device_train_batch_size,
+    gradient_accumulation_steps (the recipe whose effective batch is kept), effective_batch_seconds,
+    attn_implementation, and zero_stage / offload as constraints (None = free).
+    `precision`: the resolved one (ds_config.resolve_precision); otherwise args.precision, where 'auto'
+    means bf16 (fp16 on a CUDA device without bf16): planning is for GPUs."""
     get = lambda k, d=None: getattr(args, k, d) if getattr(args, k, None) is not None else d  # noqa: E731
-    precision = get("precision", "auto")
+    precision = precision or get("precision", "auto")
     if precision == "auto":
+        precision = "bf16"
         try:
             import torch
-            precision = "bf16" if (torch.cuda.is_available() and torch.cuda.is_bf16_supported()) else (
-                "fp16" if torch.cuda.is_available() else "fp32")
+            if torch.cuda.is_available() and not torch.cuda.is_bf16_supported():
+                precision = "fp16"
         except Exception:
-            precision = "bf16"
+            pass
     offload = get("offload")
     return plan(
         config,
@@ -1054,16 +1071,22 @@ def calibrate(verbose: bool = True) -> dict:
     log = print if verbose else (lambda *a, **k: None)
     for pc, precision in (("16", "bf16"), ("32", "fp32")):
         co = {"conv": {}, "layer": {}, "head": {}, "transient": {}}
-        # conv feature encoder: slope per conv output element between 1 s and 2 s, real 512 channels
+        # conv feature encoder: least squares over (input samples, first / middle / last layer output
+        # elements) at 1 s and 2 s for the real 512-channel stack and two others
         for norm in ("group", "layer"):
             for ck in (False, True):
-                cfg = _calib_config(conv_dim=(512,) * 7, feat_extract_norm=norm, num_hidden_layers=1,
-                                    hidden_size=32, intermediate_size=64, num_attention_heads=2)
-                facts = model_facts(cfg)
-                m1, m2 = (measure_activations(cfg, s, precision=precision, checkpointing=ck) for s in (1.0, 2.0))
-                x1, x2 = (sum(c * n for c, n in zip(facts.conv_dim, facts.conv_lengths(int(s * SAMPLING_RATE))))
-                          for s in (1.0, 2.0))
-                co["conv"][norm + ("_ckpt" if ck else "")] = round((m2.conv - m1.conv) / (x2 - x1), 3)
+                rows, ys = [], []
+                for dims in ((512,) * 7, (64,) * 7, (128, 512, 64, 256, 512, 32, 96), (64,) * 6 + (512,),
+                             (512,) + (64,) * 6):
+                    cfg = _calib_config(conv_dim=dims, feat_extract_norm=norm, num_hidden_layers=1,
+                                        hidden_size=32, intermediate_size=64, num_attention_heads=2)
+                    facts = model_facts(cfg)
+                    for sec in (1.0, 2.0):
+                        m = measure_activations(cfg, sec, precision=precision, checkpointing=ck)
+                        n = int(round(sec * SAMPLING_RATE))
+                        rows.append(list(_conv_features(facts, n, facts.conv_lengths(n))))
+                        ys.append(m.conv)
+                co["conv"][norm + ("_ckpt" if ck else "")] = [round(v, 3) for v in _lstsq(rows, ys)]
         # transformer layers: least squares over (h, f, heads, 1) per layer-frame
         rows, ys = [], []
         for h, f, heads in ((64, 256, 4), (128, 256, 4), (64, 512, 4), (64, 256, 8), (128, 512, 8)):
