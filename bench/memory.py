@@ -41,6 +41,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 GIB = 2 ** 30
+GOALS = {"large": 700, "xlsr-1b": 150, "xlsr-2b": 50}  # issue 5, one H100 capped at 16 GiB
 CONFIG_NAMES = ("plan", "zero2", "zero3", "zero2-offload", "zero3-offload")
 
 # Private copy of the presets until engine/models.py (PRESETS, load_config, apply_perplexity_fix) lands.
@@ -112,20 +113,19 @@ def resolve_setting(args, model_name: str, which: str) -> dict:
                        per_device_train_batch_size=args.seed_batch, gradient_accumulation_steps=args.seed_accum,
                        effective_batch_seconds=args.effective_batch_seconds, name=model_name)
         s = dict(stage=p.zero_stage, offload=p.offload, ckpt=p.gradient_checkpointing, micro=p.micro_batch_size,
-                 accum=p.gradient_accumulation_steps, zero_config=p.zero_config, est_gib=p.gpu.total / GIB,
-                 est_audio_per_s=p.est_audio_seconds_per_second)
+                 accum=p.gradient_accumulation_steps, zero_config=p.zero_config, est_audio_per_s=p.est_audio_seconds_per_second)
+        mem = p.gpu
     else:
         stage = 2 if which.startswith("zero2") else 3
         offload = "none" if not which.endswith("offload") else ("optimizer" if stage == 2 else "all")
         s = dict(stage=stage, offload=offload, ckpt=True, micro=args.seed_batch, accum=args.seed_accum,
                  zero_config=None, est_audio_per_s=None)
-        try:
-            mem, _host = estimate_memory(config, zero_stage=stage, offload=offload, gradient_checkpointing=True,
-                                         micro_batch_size=args.seed_batch, max_duration_in_seconds=dur,
-                                         precision=args.precision)
-            s["est_gib"] = mem.total / GIB
-        except Exception:  # the estimate is informative only
-            s["est_gib"] = None
+        mem, _host = estimate_memory(config, zero_stage=stage, offload=offload, gradient_checkpointing=True,
+                                     micro_batch_size=args.seed_batch, max_duration_in_seconds=dur,
+                                     precision=args.precision)
+    s["est_gib"] = round(mem.total / GIB, 2)
+    s["est_states_gib"] = round((mem.params + mem.grads + mem.optimizer + mem.buffers) / GIB, 2)
+    s["est_act_gib"] = round(mem.activations / GIB, 2)
     if args.accum is not None:
         s["accum"] = args.accum
     return s
@@ -165,21 +165,50 @@ def run_one(args, model_name: str, which: str) -> dict:
         os.environ.setdefault(k, v)
     if args.device == "cuda":  # JIT-built DeepSpeed ops (cpu_adam, fused_adam) in an ignored dir kept between runs
         os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(ROOT / "build" / "torch_extensions"))
-    import numpy as np
     import torch
 
     row = {"model": model_name, "config": which}
     setting = resolve_setting(args, model_name, which)
-    row.update({k: setting[k] for k in ("stage", "offload", "ckpt", "micro", "accum", "est_gib", "est_audio_per_s")})
+    row.update({k: setting.get(k) for k in ("stage", "offload", "ckpt", "micro", "accum", "est_gib",
+                                            "est_states_gib", "est_act_gib", "est_audio_per_s")})
     cuda = args.device == "cuda"
     if cuda:
         total = torch.cuda.get_device_properties(0).total_memory
         torch.cuda.set_per_process_memory_fraction(min(1.0, args.cap_gb * GIB / total))
+        row["gpu"] = torch.cuda.get_device_name(0)
+    step_times, micro_times = [], []
+    audio_per_step = None
+    try:
+        audio_per_step = _train(args, model_name, setting, row, step_times, micro_times)
+        row.setdefault("status", "ok")
+    except torch.OutOfMemoryError:
+        row["status"] = "OOM"
+    except RuntimeError as exc:  # NCCL/cuBLAS allocation failures surface as RuntimeError
+        msg = str(exc)
+        row["status"] = "OOM" if "out of memory" in msg.lower() else f"error: {msg.splitlines()[0][:160] if msg else exc!r}"
+    if cuda:
+        row["peak_alloc_gib"] = round(torch.cuda.max_memory_allocated() / GIB, 2)
+        row["peak_reserved_gib"] = round(torch.cuda.max_memory_reserved() / GIB, 2)
+    if step_times:
+        st = sorted(step_times)[len(step_times) // 2]
+        row["step_s"] = round(st, 3)
+        # micro-steps except the boundary one (whose time includes the optimizer step)
+        inner = [t for i, t in enumerate(micro_times) if (i + 1) % setting["accum"]] or micro_times
+        row["micro_s"] = round(sorted(inner)[len(inner) // 2], 3)
+        row["audio_per_s"] = round(audio_per_step / st, 1)
+    gc.collect()
+    return row
+
+
+def _train(args, model_name, setting, row, step_times, micro_times) -> float:
+    import numpy as np
+    import torch
     import deepspeed
     import transformers
     from transformers import Wav2Vec2ForPreTraining
     from transformers.models.wav2vec2.modeling_wav2vec2 import _compute_mask_indices, _sample_negative_indices
 
+    cuda = args.device == "cuda"
     transformers.logging.set_verbosity_error()
     torch.manual_seed(0)
     config = load_config(model_name)
@@ -191,26 +220,28 @@ def run_one(args, model_name: str, which: str) -> dict:
     engine, *_ = deepspeed.initialize(model=model, model_parameters=[p for p in model.parameters() if p.requires_grad],
                                       config=ds_config(setting, args.precision, args.device))
     row["init_s"] = round(time.perf_counter() - t0, 1)
+    if cuda:
+        row["after_init_gib"] = round(torch.cuda.memory_allocated() / GIB, 2)
+        torch.cuda.reset_peak_memory_stats()
     device = engine.device
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.precision]
     samples = int(args.max_duration * 16000)
-    rng = np.random.default_rng(0)
     B = setting["micro"]
     lengths = [samples] * B
     if B > 1:
         lengths[-1] = int(samples * 0.9)
     frames = int(engine.module._get_feat_extract_output_lengths(samples))
     frame_lengths = [int(engine.module._get_feat_extract_output_lengths(n)) for n in lengths]
+    engine.module.set_gumbel_temperature(2.0)
 
     def micro_batch():
         x = torch.randn(B, samples, dtype=dtype)
         att = torch.zeros(B, samples, dtype=torch.long)
-        for i, n in enumerate(lengths):
+        sub_att = np.zeros((B, frames), dtype=bool)
+        for i, (n, f) in enumerate(zip(lengths, frame_lengths)):
             att[i, :n] = 1
             x[i, n:] = 0
-        sub_att = np.zeros((B, frames), dtype=bool)
-        for i, n in enumerate(frame_lengths):
-            sub_att[i, :n] = True
+            sub_att[i, :f] = True
         mask = _compute_mask_indices((B, frames), mask_prob=0.65, mask_length=10, attention_mask=torch.tensor(sub_att),
                                      min_masks=2)
         neg = _sample_negative_indices((B, frames), config.num_negatives, mask_time_indices=mask)
@@ -220,53 +251,31 @@ def run_one(args, model_name: str, which: str) -> dict:
         if cuda:
             torch.cuda.synchronize()
 
-    audio_per_step = sum(lengths) / 16000 * setting["accum"]
-    step_times, micro_times = [], []
-    try:
-        if cuda:
-            row["after_init_gib"] = round(torch.cuda.memory_allocated() / GIB, 2)
-            torch.cuda.reset_peak_memory_stats()
-        for step in range(args.warmup + args.steps):
+    for step in range(args.warmup + args.steps):
+        sync()
+        t_step = time.perf_counter()
+        for _ in range(setting["accum"]):
+            x, att, mask, neg = micro_batch()
             sync()
-            t_step = time.perf_counter()
-            for _ in range(setting["accum"]):
-                x, att, mask, neg = micro_batch()
-                sync()
-                t_micro = time.perf_counter()
-                out = engine(input_values=x, attention_mask=att, mask_time_indices=mask, sampled_negative_indices=neg)
-                loss = out.loss / mask.sum().clamp_min(1)
-                engine.backward(loss)
-                engine.step()
-                sync()
-                if step >= args.warmup:
-                    micro_times.append(time.perf_counter() - t_micro)
+            t_micro = time.perf_counter()
+            out = engine(input_values=x, attention_mask=att, mask_time_indices=mask, sampled_negative_indices=neg)
+            loss = out.loss / mask.sum().clamp_min(1)
+            engine.backward(loss)
+            engine.step()
+            sync()
             if step >= args.warmup:
-                step_times.append(time.perf_counter() - t_step)
-            if not torch.isfinite(loss.detach()).item():
-                row["status"] = "nan loss"
-        row.setdefault("status", "ok")
-    except torch.OutOfMemoryError:
-        row["status"] = "OOM"
-    except RuntimeError as exc:  # NCCL/cuBLAS allocation failures surface as RuntimeError
-        row["status"] = "OOM" if "out of memory" in str(exc).lower() else f"error: {str(exc).splitlines()[0][:120]}"
-    if cuda:
-        row["peak_alloc_gib"] = round(torch.cuda.max_memory_allocated() / GIB, 2)
-        row["peak_reserved_gib"] = round(torch.cuda.max_memory_reserved() / GIB, 2)
-    if step_times:
-        st = sorted(step_times)[len(step_times) // 2]
-        row["step_s"] = round(st, 3)
-        # micro-steps except the boundary one (whose time includes the optimizer step)
-        inner = [t for i, t in enumerate(micro_times) if (i + 1) % setting["accum"]] or micro_times
-        row["micro_s"] = round(sorted(inner)[len(inner) // 2], 3)
-        row["audio_per_s"] = round(audio_per_step / st, 1)
-    del engine, model
-    gc.collect()
-    return row
+                micro_times.append(time.perf_counter() - t_micro)
+        if step >= args.warmup:
+            step_times.append(time.perf_counter() - t_step)
+        if not torch.isfinite(loss.detach()).item():
+            row["status"] = "nan loss"
+    return sum(lengths) / 16000 * setting["accum"]
 
 
 def fmt_table(rows: list[dict]) -> str:
     cols = [("model", "model"), ("config", "config"), ("stage", "ZeRO"), ("offload", "offload"), ("ckpt", "ckpt"),
-            ("micro", "micro"), ("accum", "accum"), ("est_gib", "est GiB"), ("peak_alloc_gib", "peak alloc"),
+            ("micro", "micro"), ("accum", "accum"), ("est_states_gib", "est states"), ("after_init_gib", "init alloc"),
+            ("est_act_gib", "est act"), ("est_gib", "est total"), ("peak_alloc_gib", "peak alloc"),
             ("peak_reserved_gib", "peak rsvd"), ("step_s", "step s"), ("micro_s", "micro s"),
             ("audio_per_s", "audio-s/s"), ("est_audio_per_s", "est a-s/s"), ("status", "status")]
 
@@ -365,6 +374,14 @@ def main(argv=None) -> int:
     print(f"device {args.device}, cap {args.cap_gb:g} GiB, {args.precision}, {args.max_duration:g} s utterances, "
           f"{args.steps} timed step(s) after {args.warmup} warm-up")
     print(fmt_table(rows))
+    print("(GiB; 'est' = engine.planner's estimate: states = params + grads + optimizer + DeepSpeed buffers, "
+          "act = activation peak, total incl. margin; compare 'est total' with 'peak rsvd')")
+    for m in models:
+        ok = [r for r in rows if r["model"] == m and r.get("audio_per_s")]
+        if m in GOALS and ok:
+            best = max(ok, key=lambda r: r["audio_per_s"])
+            print(f"goal {m}: >= {GOALS[m]} audio-s/s; best here {best['audio_per_s']:.0f} ({best['config']}) -> "
+                  + ("met" if best["audio_per_s"] >= GOALS[m] else "NOT met"))
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(rows, indent=2))

@@ -443,8 +443,8 @@ def model_state_bytes(facts: ModelFacts, *, stage: int, offload: str, precision:
             P, largest, num_gpus_per_node=gpn, num_nodes=num_nodes, cpu_offload=offload != "none",
             cpu_offload_params=offload == "all", zero_init=zero_init, additional_buffer_factor=DS_CPU_BUFFER_FACTOR)
         ds_gpu = gpu
-        if not mixed:
-            gpu = gpu / 18 * 16 if offload == "none" else gpu  # fp32: 4 + 4 + 8 bytes/param, no master copy
+        if not mixed:  # fp32: params 4 + grads 4 + Adam 8 bytes/param, no master copy
+            gpu = largest_mem + {"none": 16 * P / N, "optimizer": 4 * P / N, "all": 0.0}[offload]
         persistent = _persistent_params(facts, zc.get("stage3_param_persistence_threshold", 100_000))
         live = min(P, zc.get("stage3_max_live_parameters", 1e9),
                    zc.get("stage3_max_reuse_distance", 1e9) / 2 + zc.get("stage3_prefetch_bucket_size", 5e7)
