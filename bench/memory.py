@@ -44,61 +44,10 @@ GIB = 2 ** 30
 GOALS = {"large": 700, "xlsr-1b": 150, "xlsr-2b": 50}  # issue 5, one H100 capped at 16 GiB
 CONFIG_NAMES = ("plan", "zero2", "zero3", "zero2-offload", "zero3-offload")
 
-# Private copy of the presets until engine/models.py (PRESETS, load_config, apply_perplexity_fix) lands.
-_COMMON = dict(mask_time_prob=0.65, mask_time_length=10, num_negatives=100, num_codevector_groups=2,
-               num_codevectors_per_group=320, contrastive_logits_temperature=0.1, diversity_loss_weight=0.1,
-               layerdrop=0.0, feat_quantizer_dropout=0.0)
-_LARGE = dict(feat_extract_norm="layer", do_stable_layer_norm=True, conv_bias=True, feat_extract_activation="gelu")
-_DROP = dict(hidden_dropout=0.1, attention_dropout=0.1, activation_dropout=0.0, feat_proj_dropout=0.1)
-_PRESETS = {
-    "tiny": dict(_COMMON, **_LARGE, hidden_size=64, num_hidden_layers=2, num_attention_heads=2, intermediate_size=128,
-                 conv_dim=(64,) * 7, num_conv_pos_embeddings=16, num_conv_pos_embedding_groups=4,
-                 num_codevectors_per_group=32, codevector_dim=64, proj_codevector_dim=64, num_negatives=20,
-                 **_DROP),
-    "base": dict(_COMMON, hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072,
-                 feat_extract_norm="group", do_stable_layer_norm=False, conv_bias=False, codevector_dim=256,
-                 proj_codevector_dim=256, **_DROP),
-    "large": dict(_COMMON, **_LARGE, hidden_size=1024, num_hidden_layers=24, num_attention_heads=16,
-                  intermediate_size=4096, codevector_dim=768, proj_codevector_dim=768, **_DROP),
-    "xlsr-1b": dict(_COMMON, **_LARGE, hidden_size=1280, num_hidden_layers=48, num_attention_heads=16,
-                    intermediate_size=5120, codevector_dim=1024, proj_codevector_dim=1024, **_DROP),
-    "xlsr-2b": dict(_COMMON, **_LARGE, hidden_size=1920, num_hidden_layers=48, num_attention_heads=16,
-                    intermediate_size=7680, codevector_dim=1024, proj_codevector_dim=1024, **_DROP),
-}
-
-
 def load_config(name: str):
-    try:
-        from engine.models import load_config as lc
-    except ImportError:
-        lc = None
-    if lc is not None:
-        return lc("demo" if name == "tiny" else name)
-    from transformers import Wav2Vec2Config
+    from engine.models import load_config as _load
 
-    return Wav2Vec2Config(**_PRESETS[name])
-
-
-def perplexity_fix(model):
-    try:
-        from engine.models import apply_perplexity_fix
-    except ImportError:
-        apply_perplexity_fix = None
-    if apply_perplexity_fix is not None:
-        return apply_perplexity_fix(model)
-    import torch
-
-    def stable(probs, mask=None):  # transformers 5.x's xlogy has NaN gradients at p == 0
-        if mask is not None:
-            keep = mask.flatten()[:, None, None].expand(probs.shape)
-            probs = torch.where(keep, probs, torch.zeros_like(probs))
-            marginal = probs.sum(dim=0) / mask.sum().clamp_min(1)
-        else:
-            marginal = probs.mean(dim=0)
-        return torch.exp(-torch.sum(marginal * torch.log(marginal + 1e-7), dim=-1)).sum()
-
-    model.quantizer._compute_perplexity = stable
-    return model
+    return _load(name, flag="--models")
 
 
 def resolve_setting(args, model_name: str, which: str) -> dict:
@@ -160,9 +109,9 @@ def ds_config(setting: dict, precision: str, device: str) -> dict:
 
 def run_one(args, model_name: str, which: str) -> dict:
     """Build, train a few steps, measure. Runs in the subprocess."""
-    for k, v in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1"), ("MASTER_ADDR", "127.0.0.1"),
-                 ("MASTER_PORT", str(args.port))):
+    for k, v in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1"), ("MASTER_ADDR", "127.0.0.1")):
         os.environ.setdefault(k, v)
+    os.environ["MASTER_PORT"] = str(args.port)  # one port per config: no clash with a lingering predecessor
     if args.device == "cuda":  # JIT-built DeepSpeed ops (cpu_adam, fused_adam) in an ignored dir kept between runs
         os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(ROOT / "build" / "torch_extensions"))
     import torch
@@ -205,17 +154,15 @@ def _train(args, model_name, setting, row, step_times, micro_times) -> float:
     import torch
     import deepspeed
     import transformers
-    from transformers import Wav2Vec2ForPreTraining
     from transformers.models.wav2vec2.modeling_wav2vec2 import _compute_mask_indices, _sample_negative_indices
+
+    from engine.models import build_model  # Wav2Vec2ForPreTraining with the perplexity fix
 
     cuda = args.device == "cuda"
     transformers.logging.set_verbosity_error()
     torch.manual_seed(0)
     config = load_config(model_name)
-    config._attn_implementation = args.attn
-    model = perplexity_fix(Wav2Vec2ForPreTraining(config))
-    if setting["ckpt"]:
-        model.gradient_checkpointing_enable()
+    model = build_model(config, gradient_checkpointing=setting["ckpt"], attn_implementation=args.attn)
     t0 = time.perf_counter()
     engine, *_ = deepspeed.initialize(model=model, model_parameters=[p for p in model.parameters() if p.requires_grad],
                                       config=ds_config(setting, args.precision, args.device))
@@ -314,6 +261,9 @@ def parse_args(argv=None):
     p.add_argument("--steps", type=int, default=2, help="timed optimizer steps")
     p.add_argument("--port", type=int, default=29500)
     p.add_argument("--timeout", type=float, default=1800, help="seconds per config")
+    p.add_argument("--time_budget", type=float, default=520,
+                   help="seconds for the whole run (gpu_suite.sh's memory stage allows 540): configs that would "
+                        "start later are skipped, the running one is stopped at the budget")
     p.add_argument("--json", default=None, help="also write the rows here")
     p.add_argument("--inline", action="store_true", help="run configs in this process (no subprocess)")
     p.add_argument("--_one", default=None, help=argparse.SUPPRESS)
@@ -345,7 +295,12 @@ def main(argv=None) -> int:
         return 2
     rows = []
     argv = list(sys.argv[1:] if argv is None else argv)
+    t_start = time.monotonic()
     for i, (m, c) in enumerate((m, c) for m in models for c in configs):
+        left = args.time_budget - (time.monotonic() - t_start)
+        if left < 20:
+            rows.append({"model": m, "config": c, "status": "skipped (--time_budget)"})
+            continue
         print(f"== {m} / {c}", flush=True)
         if args.inline:
             try:
@@ -357,7 +312,7 @@ def main(argv=None) -> int:
                    "--port", str(args.port + i)]
             env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
             try:
-                proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout, env=env)
+                proc = subprocess.run(cmd, capture_output=True, text=True, timeout=min(args.timeout, left), env=env)
                 found = [ln for ln in proc.stdout.splitlines() if ln.startswith("BENCH_ROW ")]
                 if found:
                     row = json.loads(found[-1][len("BENCH_ROW "):])
@@ -367,9 +322,10 @@ def main(argv=None) -> int:
                     row = {"model": m, "config": c, "status": "OOM" if oom else f"failed rc={proc.returncode}: "
                            + " | ".join(tail)[-200:]}
             except subprocess.TimeoutExpired:
-                row = {"model": m, "config": c, "status": f"timeout {args.timeout:.0f}s"}
+                row = {"model": m, "config": c, "status": f"timeout {min(args.timeout, left):.0f}s"}
         rows.append(row)
         print(json.dumps(row), flush=True)
+        print(fmt_table(rows), flush=True)  # a table survives even if an outer timeout stops the run
     print()
     print(f"device {args.device}, cap {args.cap_gb:g} GiB, {args.precision}, {args.max_duration:g} s utterances, "
           f"{args.steps} timed step(s) after {args.warmup} warm-up")

@@ -964,18 +964,6 @@ class Measurement:
         return self.conv + self.layers + self.head
 
 
-def _stable_perplexity(probs, mask=None):
-    import torch
-
-    if mask is not None:
-        keep = mask.flatten()[:, None, None].expand(probs.shape)
-        probs = torch.where(keep, probs, torch.zeros_like(probs))
-        marginal = probs.sum(dim=0) / mask.sum().clamp_min(1)
-    else:
-        marginal = probs.mean(dim=0)
-    return torch.exp(-torch.sum(marginal * torch.log(marginal + 1e-7), dim=-1)).sum()
-
-
 def measure_activations(config, seconds: float, *, batch_size: int = 1, precision: str = "bf16",
                         checkpointing: bool = False, attn_implementation: str = "sdpa", seed: int = 0,
                         keep_dropout: bool = False) -> Measurement:
@@ -985,6 +973,8 @@ def measure_activations(config, seconds: float, *, batch_size: int = 1, precisio
     import transformers
     from transformers import Wav2Vec2ForPreTraining
     from transformers.models.wav2vec2.modeling_wav2vec2 import _compute_mask_indices, _sample_negative_indices
+
+    from engine.models import apply_perplexity_fix
 
     dtype = {"bf16": torch.bfloat16, "fp16": torch.bfloat16, "fp32": torch.float32}[precision]
     torch.manual_seed(seed)
@@ -1007,7 +997,7 @@ def measure_activations(config, seconds: float, *, batch_size: int = 1, precisio
                 model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
     finally:
         transformers.logging.set_verbosity(verbosity)
-    model.quantizer._compute_perplexity = _stable_perplexity
+    apply_perplexity_fix(model)
     for p in model.parameters():
         p.register_post_accumulate_grad_hook(lambda p: setattr(p, "grad", None))
     samples = int(round(seconds * SAMPLING_RATE))
@@ -1135,17 +1125,9 @@ def calibrate(verbose: bool = True) -> dict:
 # CLI
 
 def _load_config(name: str):
-    try:
-        from engine.models import load_config  # the lead's presets (engine/models.py)
-    except ImportError:
-        load_config = None
-    if load_config is not None:
-        return load_config(name, flag="--model")
-    from transformers import Wav2Vec2Config
+    from engine.models import load_config
 
-    if os.path.isdir(name) or name.endswith(".json"):
-        return Wav2Vec2Config.from_pretrained(name)
-    raise PlanError(f"--model {name!r}: presets come with engine/models.py; pass a directory with config.json")
+    return load_config(name, flag="--model")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -8,22 +8,10 @@ import torch
 from transformers import Wav2Vec2Config, Wav2Vec2ForPreTraining
 
 from engine import planner
+from engine.models import PRESETS
 from engine.planner import (GIB, OFFLOADS, PlanError, activation_bytes, analytic_parameter_count,
                             count_parameters, measure_activations, model_facts, model_state_bytes, plan,
                             plan_from_args)
-
-try:  # the lead's presets; a private copy until engine/models.py lands
-    from engine.models import PRESETS
-except ImportError:
-    import importlib.util
-    import pathlib
-
-    _spec = importlib.util.spec_from_file_location(
-        "bench_memory", pathlib.Path(__file__).resolve().parent.parent / "bench" / "memory.py")
-    _bench = importlib.util.module_from_spec(_spec)
-    _spec.loader.exec_module(_bench)
-    PRESETS = _bench._PRESETS
-
 
 def cfg(name: str) -> Wav2Vec2Config:
     return Wav2Vec2Config(**PRESETS[name])
@@ -216,7 +204,6 @@ def test_plan_from_args_and_apply():
 
 
 def test_cli_prints_a_table_and_refuses_with_exit_code(capsys, monkeypatch):
-    monkeypatch.setattr(planner, "_load_config", lambda name: cfg(name))
     assert planner.main(["--model", "large", "--gpu_memory_gb", "16", "--host_memory_gb", "64"]) == 0
     out = capsys.readouterr().out
     assert "ZeRO stage" in out and "GPU total" in out and "why:" in out
