@@ -580,12 +580,17 @@ class Plan:
     zero_config: dict = field(default_factory=dict)
     alternatives: list = field(default_factory=list)  # (label, micro utts, est audio-s/s) of other fits
 
-    def apply(self, args):
-        """Write the plan into a pretrain.py args namespace (returns it)."""
+    def apply(self, args, *, budget_batching: bool | None = None):
+        """Write the plan into a pretrain.py args namespace (returns it): zero_stage, offload,
+        gradient_checkpointing, gradient_accumulation_steps, precision (if 'auto'), and the micro-batch:
+        per_device_train_batch_size = micro_batch_size, or with budget batching (default: when
+        args.max_batch_seconds was set) max_batch_seconds = micro_batch_seconds (padded audio-s)."""
+        if budget_batching is None:
+            budget_batching = getattr(args, "max_batch_seconds", None) is not None
         args.zero_stage = self.zero_stage
         args.offload = self.offload
         args.per_device_train_batch_size = self.micro_batch_size
-        if hasattr(args, "max_batch_seconds"):
+        if budget_batching:
             args.max_batch_seconds = self.micro_batch_seconds
         args.gradient_checkpointing = self.gradient_checkpointing
         args.gradient_accumulation_steps = self.gradient_accumulation_steps
@@ -663,7 +668,8 @@ def _gpu_total(states: StateEstimate, act: ActivationEstimate) -> MemoryBreakdow
 def estimate_memory(config, *, zero_stage: int, offload: str = "none", gradient_checkpointing: bool = False,
                     micro_batch_size: int = 1, max_duration_in_seconds: float = 20.0, precision: str = "bf16",
                     world_size: int = 1, num_nodes: int = 1, attn_implementation: str = "sdpa",
-                    zero_config: dict | None = None, zero_init: bool = False) -> tuple[MemoryBreakdown, float]:
+                    padded: bool = True, zero_config: dict | None = None,
+                    zero_init: bool = False) -> tuple[MemoryBreakdown, float]:
     """(GPU peak breakdown, host bytes per node) of a given configuration: for checking a hand-made
     configuration (pretrain.py without the planner) or comparing with a measurement."""
     facts = model_facts(config)
@@ -671,7 +677,8 @@ def estimate_memory(config, *, zero_stage: int, offload: str = "none", gradient_
                                world_size=world_size, num_nodes=num_nodes, zero_config=zero_config,
                                zero_init=zero_init)
     act = activation_bytes(facts, max_duration_in_seconds, batch=micro_batch_size, precision=precision,
-                           checkpointing=gradient_checkpointing, attn_implementation=attn_implementation)
+                           checkpointing=gradient_checkpointing, attn_implementation=attn_implementation,
+                           padded=padded)
     return _gpu_total(states, act), states.host
 
 
@@ -702,8 +709,8 @@ def read_gpu_memory_gb() -> float:
 
 def plan(config, *, gpu_memory_gb="auto", host_memory_gb: float | None = None, world_size: int = 1,
          num_nodes: int = 1, precision: str = "bf16", max_duration_in_seconds: float = 20.0,
-         effective_batch_seconds: float | None = None, per_device_train_batch_size: int = 8,
-         gradient_accumulation_steps: int = 1, attn_implementation: str = "sdpa",
+         effective_batch_seconds: float | None = None, per_device_train_batch_size: float = 8,
+         gradient_accumulation_steps: int = 1, attn_implementation: str = "sdpa", padded: bool = True,
          zero_stage: int | None = None, offload: str | None = None, gradient_checkpointing: bool | None = None,
          min_gpu_seconds_per_step: float = 8.0, throughput: Throughput = Throughput(),
          zero_config: dict[int, dict] | None = None, zero_init: bool = False, name: str | None = None) -> Plan:
@@ -717,7 +724,10 @@ def plan(config, *, gpu_memory_gb="auto", host_memory_gb: float | None = None, w
     gradient_accumulation_steps x world_size, the seed's recipe); under offload, unless the
     effective batch was given explicitly, accumulation is raised until a step holds
     `min_gpu_seconds_per_step` of GPU work, amortizing the CPU optimizer step.
-    `zero_stage` / `offload` / `gradient_checkpointing` restrict the search when given.
+    `zero_stage` / `offload` / `gradient_checkpointing` restrict the search when given. `padded`:
+    batches carry padding and an attention mask (False with --crop_to_shortest). `zero_config`:
+    {stage: zero_optimization section} whose bucket sizes the buffers are computed from (default:
+    DEFAULT_ZERO_CONFIG, the values of ds_configs/).
     """
     if precision not in PRECISIONS:
         raise PlanError(f"--precision must be one of {PRECISIONS} for planning, got {precision!r}")
@@ -759,7 +769,7 @@ def plan(config, *, gpu_memory_gb="auto", host_memory_gb: float | None = None, w
         raise PlanError(f"no configuration matches --zero_stage {zero_stage} --offload {offload}")
 
     act1 = {ck: activation_bytes(facts, dur, batch=1, precision=precision, checkpointing=ck,
-                                 attn_implementation=attn_implementation) for ck in (False, True)}
+                                 attn_implementation=attn_implementation, padded=padded) for ck in (False, True)}
     fits, needs = [], []
     for c in cands:
         zc = (zero_config or {}).get(c.stage)
@@ -768,7 +778,7 @@ def plan(config, *, gpu_memory_gb="auto", host_memory_gb: float | None = None, w
 
         def mem(n, c=c, states=states):
             a = activation_bytes(facts, dur, batch=n, precision=precision, checkpointing=c.checkpointing,
-                                 attn_implementation=attn_implementation)
+                                 attn_implementation=attn_implementation, padded=padded)
             return _gpu_total(states, a)
 
         one = mem(1)
@@ -881,12 +891,15 @@ def _refusal(name, facts, needs, gpu_gb, host_gb, world, dur, precision) -> str:
 
 def plan_from_args(args, config, world_size: int, *, precision: str | None = None, gpu_memory_gb=None,
                    host_memory_gb=None) -> Plan:
-    """Plan for a pretrain.py args namespace. Reads (when present): gpu_memory_gb ('auto' or GiB),
-    host_memory_gb, num_nodes, precision, max_duration_in_seconds, per_device_train_batch_size,
-    gradient_accumulation_steps (the recipe whose effective batch is kept), effective_batch_seconds,
-    attn_implementation, and zero_stage / offload as constraints (None = free).
-    `precision`: the resolved one (ds_config.resolve_precision); otherwise args.precision, where 'auto'
-    means bf16 (fp16 on a CUDA device without bf16): planning is for GPUs."""
+    """Plan for a pretrain.py args namespace (raises PlanError, a ValueError, when nothing fits).
+
+    Reads when present: gpu_memory_gb ('auto' or GiB), host_memory_gb, num_nodes, precision,
+    max_duration_in_seconds, the recipe whose effective batch is kept (per_device_train_batch_size, or
+    max_batch_seconds, x gradient_accumulation_steps x world_size) unless effective_batch_seconds is
+    given, attn_implementation, crop_to_shortest (no padding), zero_stage / offload / a --deepspeed
+    config file as constraints (None = free), and the bucket sizes of ds_configs/ (or of that file).
+    `precision`: the resolved one (ds_config.resolve_precision); otherwise args.precision, where
+    'auto' means bf16 (fp16 on a CUDA device without bf16): planning is for GPUs."""
     get = lambda k, d=None: getattr(args, k, d) if getattr(args, k, None) is not None else d  # noqa: E731
     precision = precision or get("precision", "auto")
     if precision == "auto":
@@ -897,20 +910,65 @@ def plan_from_args(args, config, world_size: int, *, precision: str | None = Non
                 precision = "fp16"
         except Exception:
             pass
-    offload = get("offload")
+    dur = float(get("max_duration_in_seconds", 20.0))
+    accum = get("gradient_accumulation_steps", 1)
+    if get("max_batch_seconds") is not None:  # budget batching: the recipe in padded seconds
+        recipe_utts = get("max_batch_seconds") / dur
+    else:
+        recipe_utts = get("per_device_train_batch_size", 8)
+    zero_stage, offload = get("zero_stage"), get("offload")
+    zero_config = _repo_zero_configs()
+    ds_file = _deepspeed_file(args)
+    if ds_file is not None:
+        from engine.ds_config import load_config_file, offload_of
+
+        cfg = load_config_file(ds_file)
+        zero_stage = cfg.get("zero_optimization", {}).get("stage", 0)
+        offload = offload_of(cfg)
+        zero_config[zero_stage] = _numeric(cfg.get("zero_optimization", {}))
     return plan(
         config,
         gpu_memory_gb=gpu_memory_gb if gpu_memory_gb is not None else get("gpu_memory_gb", "auto"),
         host_memory_gb=host_memory_gb if host_memory_gb is not None else get("host_memory_gb"),
         world_size=world_size, num_nodes=get("num_nodes", 1), precision=precision,
-        max_duration_in_seconds=float(get("max_duration_in_seconds", 20.0)),
-        effective_batch_seconds=get("effective_batch_seconds"),
-        per_device_train_batch_size=get("per_device_train_batch_size", 8),
-        gradient_accumulation_steps=get("gradient_accumulation_steps", 1),
+        max_duration_in_seconds=dur, effective_batch_seconds=get("effective_batch_seconds"),
+        per_device_train_batch_size=recipe_utts, gradient_accumulation_steps=accum,
         attn_implementation=get("attn_implementation", "sdpa") or "sdpa",
-        zero_stage=get("zero_stage"), offload=offload,
-        name=get("model_name_or_path") or get("config_name"),
+        padded=not get("crop_to_shortest", False),
+        zero_stage=zero_stage, offload=None if offload in (None, "auto") else offload,
+        zero_config=zero_config, name=get("model_name_or_path") or get("config_name"),
     )
+
+
+def _numeric(zero: dict) -> dict:
+    return {k: v for k, v in zero.items() if isinstance(v, (int, float)) and not isinstance(v, bool)
+            or k == "overlap_comm" and isinstance(v, bool)}
+
+
+def _repo_zero_configs() -> dict:
+    """zero_optimization sections of ds_configs/zero{1,2,3}.json (what pretrain.py derives configs from)."""
+    out = {}
+    try:
+        from engine.ds_config import stage_config
+    except ImportError:
+        return out
+    for stage in (1, 2, 3):
+        try:
+            out[stage] = _numeric(stage_config(stage).get("zero_optimization", {}))
+        except Exception:
+            pass
+    return out
+
+
+def _deepspeed_file(args):
+    try:
+        from engine.args import deepspeed_config_path
+    except ImportError:
+        return None
+    try:
+        return deepspeed_config_path(args) if hasattr(args, "deepspeed") else None
+    except Exception:
+        return None
 
 
 # ----------------------------------------------------------------------------------------------

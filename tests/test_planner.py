@@ -213,3 +213,34 @@ def test_cli_prints_a_table_and_refuses_with_exit_code(capsys, monkeypatch):
 
 def test_host_memory_is_read_from_meminfo():
     assert planner.read_host_memory_gb() > 0.1
+
+
+def test_plan_from_args_reads_the_repo_ds_configs_and_budget_batching():
+    from engine.args import build_parser
+
+    args = build_parser().parse_args(["--model_name_or_path", "large", "--max_duration_in_seconds", "20",
+                                      "--max_batch_seconds", "40", "--gradient_accumulation_steps", "8",
+                                      "--crop_to_shortest", "--precision", "bf16"])
+    args.gpu_memory_gb, args.host_memory_gb = 16.0, 64.0
+    p = plan_from_args(args, cfg("large"), world_size=1)
+    assert p.target_effective_batch_seconds == 40 * 8
+    assert p.zero_config.get("reduce_bucket_size") or p.zero_stage == 0
+    p.apply(args)
+    assert args.max_batch_seconds == p.micro_batch_seconds  # budget batching kept, in padded seconds
+    # padding off (--crop_to_shortest) never needs more memory than padded batches
+    padded = plan(cfg("large"), gpu_memory_gb=16, host_memory_gb=64, max_duration_in_seconds=20,
+                  effective_batch_seconds=320)
+    assert p.micro_batch_size >= padded.micro_batch_size
+
+
+def test_plan_from_args_honours_a_deepspeed_config_file(tmp_path):
+    from engine.args import build_parser
+
+    path = tmp_path / "ds.json"
+    path.write_text('{"zero_optimization": {"stage": 2, "reduce_bucket_size": 1000000, '
+                    '"offload_optimizer": {"device": "cpu"}}}')
+    args = build_parser().parse_args(["--model_name_or_path", "xlsr-1b", "--deepspeed", str(path)])
+    args.gpu_memory_gb, args.host_memory_gb = 16.0, 128.0
+    p = plan_from_args(args, cfg("xlsr-1b"), world_size=1)
+    assert (p.zero_stage, p.offload) == (2, "optimizer")
+    assert p.zero_config["reduce_bucket_size"] == 1000000
