@@ -13,6 +13,7 @@ CPU smoke check (tiny model, a few seconds per config):
 Configs (per model):
   plan            the planner's choice for --cap_gb / --host_memory_gb (stage, offload, checkpointing,
                   micro-batch, accumulation)
+  alt             the planner's runner-up (same offload tier first): checks the ranking
   zero2, zero3    plain ZeRO-2 / ZeRO-3 without offload at the seed's batch (--seed_batch utterances of
                   --max_duration s, --seed_accum accumulation, gradient checkpointing as in the seed's recipes)
   zero2-offload   ZeRO-2 + CPU optimizer offload at the seed's batch
@@ -42,7 +43,7 @@ if str(ROOT) not in sys.path:
 
 GIB = 2 ** 30
 GOALS = {"large": 700, "xlsr-1b": 150, "xlsr-2b": 50}  # issue 5, one H100 capped at 16 GiB
-CONFIG_NAMES = ("plan", "zero2", "zero3", "zero2-offload", "zero3-offload")
+CONFIG_NAMES = ("plan", "alt", "zero2", "zero3", "zero2-offload", "zero3-offload")
 
 def load_config(name: str):
     from engine.models import load_config as _load
@@ -56,7 +57,7 @@ def resolve_setting(args, model_name: str, which: str) -> dict:
 
     config = load_config(model_name)
     dur = args.max_duration
-    if which == "plan":
+    if which in ("plan", "alt"):
         p: Plan = plan(config, gpu_memory_gb=args.cap_gb, host_memory_gb=args.host_memory_gb, world_size=1,
                        precision=args.precision, max_duration_in_seconds=dur,
                        per_device_train_batch_size=args.seed_batch, gradient_accumulation_steps=args.seed_accum,
@@ -64,6 +65,16 @@ def resolve_setting(args, model_name: str, which: str) -> dict:
         s = dict(stage=p.zero_stage, offload=p.offload, ckpt=p.gradient_checkpointing, micro=p.micro_batch_size,
                  accum=p.gradient_accumulation_steps, zero_config=p.zero_config, est_audio_per_s=p.est_audio_seconds_per_second)
         mem = p.gpu
+        if which == "alt":  # the planner's runner-up (same offload tier first): checks its ranking
+            if not p.alternatives:
+                raise SystemExit("no alternative plan")
+            a = p.alternatives[0]
+            s.update(stage=a["zero_stage"], offload=a["offload"], ckpt=a["gradient_checkpointing"],
+                     micro=a["micro_batch_size"], accum=a["gradient_accumulation_steps"], zero_config=None,
+                     est_audio_per_s=a["est_audio_seconds_per_second"])
+            mem, _host = estimate_memory(config, zero_stage=s["stage"], offload=s["offload"],
+                                         gradient_checkpointing=s["ckpt"], micro_batch_size=s["micro"],
+                                         max_duration_in_seconds=dur, precision=args.precision)
     else:
         stage = 2 if which.startswith("zero2") else 3
         offload = "none" if not which.endswith("offload") else ("optimizer" if stage == 2 else "all")

@@ -527,7 +527,7 @@ def estimate_step(facts: ModelFacts, *, stage: int, offload: str, checkpointing:
         t_opt = (36 if e == 2 else 32) * P / N / (tp.hbm_gbps * 1e9)
     else:
         t_opt = P / max(num_nodes, 1) / tp.cpu_adam_params_per_s
-        t_opt += e * P / N / pcie                          # last grads to the host
+        t_opt += (2 if accum > 1 else 1) * e * P / N / pcie  # last grads to the host (+ host accumulator in)
         if offload == "optimizer":
             t_opt += e * P / N / pcie                      # updated params back to the GPU
     t_step = accum * t_micro + t_boundary + t_opt
@@ -578,7 +578,10 @@ class Plan:
     est_audio_seconds_per_second: float
     reason: str
     zero_config: dict = field(default_factory=dict)
-    alternatives: list = field(default_factory=list)  # (label, micro utts, est audio-s/s) of other fits
+    # the other configurations that fit, same offload tier first, best estimate first: dicts with label,
+    # zero_stage, offload, gradient_checkpointing, micro_batch_size, gradient_accumulation_steps,
+    # est_gib, est_audio_seconds_per_second
+    alternatives: list = field(default_factory=list)
 
     def apply(self, args, *, budget_batching: bool | None = None):
         """Write the plan into a pretrain.py args namespace (returns it): zero_stage, offload,
@@ -635,7 +638,8 @@ class Plan:
         lines.append("why: " + self.reason)
         if self.alternatives:
             lines.append("other fits (same tier first): " + "; ".join(
-                f"{lab}: {n} utt, ~{aps:.0f} audio-s/s" for lab, n, aps in self.alternatives[:6]))
+                f"{a['label']}: {a['micro_batch_size']} utt, ~{a['est_audio_seconds_per_second']:.0f} audio-s/s"
+                for a in self.alternatives[:6]))
         return "\n".join(lines)
 
 
@@ -820,7 +824,10 @@ def plan(config, *, gpu_memory_gb="auto", host_memory_gb: float | None = None, w
 
     others = sorted((f for f in fits if f is not chosen),
                     key=lambda f: (OFFLOADS.index(f[0].offload) != tier, -f[4].audio_per_second))
-    alternatives = [(f[0].label, f[1], round(f[4].audio_per_second, 1)) for f in others]
+    alternatives = [dict(label=f[0].label, zero_stage=f[0].stage, offload=f[0].offload,
+                         gradient_checkpointing=f[0].checkpointing, micro_batch_size=f[1],
+                         gradient_accumulation_steps=f[3], est_gib=round(f[5].total / GIB, 2),
+                         est_audio_seconds_per_second=round(f[4].audio_per_second, 1)) for f in others]
     reason = _reason(c, n, n_max, accum, est, fits, tier, pinned, target_utts, dur, world_size,
                      min_gpu_seconds_per_step, gpu_gb)
     zc_used = {**DEFAULT_ZERO_CONFIG.get(c.stage, {}), **(zc or {})}
@@ -875,7 +882,7 @@ def _reason(c, n, n_max, accum, est, fits, tier, pinned, target_utts, dur, world
 
 def _refusal(name, facts, needs, gpu_gb, host_gb, world, dur, precision) -> str:
     lines = [f"{name} ({facts.total_params / 1e6:.0f}M params, {precision}, {world} GPU(s)) does not fit "
-             f"--gpu_memory_gb {gpu_gb:g} with host memory {host_gb:g} GiB (--host_memory_gb), "
+             f"--gpu_memory_gb {gpu_gb:g} with host memory {host_gb:.1f} GiB (--host_memory_gb), "
              f"even at 1 x {dur:g} s per micro-batch. Smallest needs:"]
     for off in OFFLOADS:
         opts = [(g, h, c) for c, g, h in needs if c.offload == off]
