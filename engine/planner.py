@@ -98,7 +98,6 @@ ACTIVATION_COEFFS: dict = {
 }
 
 
-
 # Rough throughput model (H100-class defaults; override with --gpu_tflops etc.). Only used to rank
 # plans within an offload tier, to size gradient accumulation under offload and to print estimates.
 @dataclass(frozen=True)
@@ -149,7 +148,7 @@ class ModelFacts:
     total_params: int
     largest_layer_params: int      # DeepSpeed's definition: most parameters held directly by one module
     largest_param_numel: int
-    persistent_params: dict        # ZeRO-3 persistence threshold -> params kept whole on every rank
+    param_sizes: tuple             # numel of every parameter, ascending (ZeRO-3 persistence)
     num_layers: int
     hidden: int
     ffn: int
@@ -170,9 +169,9 @@ class ModelFacts:
     feat_proj_dropout: float
     feat_quantizer_dropout: float
 
-    @property
-    def transformer_params(self) -> int:
-        return self.num_layers * (4 * self.hidden * self.hidden + 2 * self.hidden * self.ffn)
+    def persistent_params(self, threshold: int) -> int:
+        """Parameters ZeRO-3 keeps whole on every rank (numel <= stage3_param_persistence_threshold)."""
+        return sum(n for n in self.param_sizes if n <= threshold)
 
     def frames(self, samples: int) -> int:
         for k, s in zip(self.conv_kernel, self.conv_stride):
@@ -249,11 +248,10 @@ def model_facts(config) -> ModelFacts:
     total = sum(sizes.values())
     largest_layer = max(sum(p.numel() for p in m.parameters(recurse=False)) for m in model.modules())
     largest_param = max(sizes.values())
-    persistent = {t: sum(n for n in sizes.values() if n <= t) for t in (100_000, 1_000_000)}
     k, g, h = config.num_conv_pos_embeddings, config.num_conv_pos_embedding_groups, config.hidden_size
     facts = ModelFacts(
         total_params=total, largest_layer_params=largest_layer, largest_param_numel=largest_param,
-        persistent_params=persistent, num_layers=config.num_hidden_layers, hidden=h,
+        param_sizes=tuple(sorted(sizes.values())), num_layers=config.num_hidden_layers, hidden=h,
         ffn=config.intermediate_size, heads=config.num_attention_heads, conv_dim=tuple(config.conv_dim),
         conv_kernel=tuple(config.conv_kernel), conv_stride=tuple(config.conv_stride),
         feat_extract_norm=config.feat_extract_norm, num_negatives=config.num_negatives,
@@ -266,13 +264,6 @@ def model_facts(config) -> ModelFacts:
     )
     _FACTS_CACHE[key] = facts
     return facts
-
-
-def _persistent_params(facts: ModelFacts, threshold: int) -> int:
-    if threshold in facts.persistent_params:
-        return facts.persistent_params[threshold]
-    # thresholds other than the precomputed ones: interpolate conservatively with the larger one
-    return facts.persistent_params[max(facts.persistent_params)]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -448,7 +439,7 @@ def model_state_bytes(facts: ModelFacts, *, stage: int, offload: str, precision:
         ds_gpu = gpu
         if not mixed:  # fp32: params 4 + grads 4 + Adam 8 bytes/param, no master copy
             gpu = largest_mem + {"none": 16 * P / N, "optimizer": 4 * P / N, "all": 0.0}[offload]
-        persistent = _persistent_params(facts, zc.get("stage3_param_persistence_threshold", 100_000))
+        persistent = facts.persistent_params(zc.get("stage3_param_persistence_threshold", 100_000))
         live = min(P, zc.get("stage3_max_live_parameters", 1e9),
                    zc.get("stage3_max_reuse_distance", 1e9) / 2 + zc.get("stage3_prefetch_bucket_size", 5e7)
                    + largest)
