@@ -446,9 +446,12 @@ def model_state_bytes(facts: ModelFacts, *, stage: int, offload: str, precision:
         working = max(0.0, live * e - largest_mem) + persistent * e * (N - 1) / N
         sharded = gpu - largest_mem
         if offload == "none":
+            # DeepSpeed's estimator says 18 bytes/param/N; stage3.py allocates 16-bit param and gradient
+            # partitions (2 + 2), fp32 master (4), Adam m, v (8) and the step's fp32 gradient copy (4): 20.
+            # We take the larger.
             params, grads = e * P / N, e * P / N
             tmp = step_tmp * P / N
-            optim = sharded - params - grads - tmp
+            optim = max(sharded - params - grads - tmp, opt_full * P / N)
         elif offload == "optimizer":
             params, grads, optim, tmp = sharded, 0.0, 0.0, 0.0
         else:
