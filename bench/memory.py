@@ -127,8 +127,14 @@ def run_one(args, model_name: str, which: str) -> dict:
         os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(ROOT / "build" / "torch_extensions"))
     import torch
 
+    from engine.planner import PlanError
+
     row = {"model": model_name, "config": which}
-    setting = resolve_setting(args, model_name, which)
+    try:
+        setting = resolve_setting(args, model_name, which)
+    except PlanError as exc:
+        row["status"] = "no plan: " + str(exc).splitlines()[0][:150]
+        return row
     row.update({k: setting.get(k) for k in ("stage", "offload", "ckpt", "micro", "accum", "est_gib",
                                             "est_states_gib", "est_act_gib", "est_audio_per_s")})
     cuda = args.device == "cuda"
@@ -260,7 +266,9 @@ def parse_args(argv=None):
     p.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
     p.add_argument("--tiny", action="store_true", help="CPU smoke check: the tiny model, 2 s utterances, 1 step")
     p.add_argument("--cap_gb", type=float, default=16.0, help="GPU memory cap (GiB) and the planner's budget")
-    p.add_argument("--host_memory_gb", type=float, default=None, help="planner's host budget (default: MemAvailable)")
+    p.add_argument("--host_memory_gb", type=float, default=None,
+                   help="planner's host budget per node; default 120 with --device cuda (the H100 machine has "
+                        "128 GiB, but its /proc/meminfo can start low), else MemAvailable")
     p.add_argument("--precision", default="bf16", choices=["bf16", "fp16", "fp32"])
     p.add_argument("--attn", default="sdpa", choices=["sdpa", "eager"])
     p.add_argument("--max_duration", type=float, default=20.0, help="seconds per utterance")
@@ -288,6 +296,8 @@ def parse_args(argv=None):
             args.precision = "bf16"
     if args.device == "cpu":
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    elif args.host_memory_gb is None:
+        args.host_memory_gb = 120.0
     return args
 
 
@@ -338,7 +348,9 @@ def main(argv=None) -> int:
         print(json.dumps(row), flush=True)
         print(fmt_table(rows), flush=True)  # a table survives even if an outer timeout stops the run
     print()
-    print(f"device {args.device}, cap {args.cap_gb:g} GiB, {args.precision}, {args.max_duration:g} s utterances, "
+    print(f"device {args.device}, cap {args.cap_gb:g} GiB, planner host budget "
+          f"{args.host_memory_gb if args.host_memory_gb is not None else 'MemAvailable'} GiB, "
+          f"{args.precision}, {args.max_duration:g} s utterances, "
           f"{args.steps} timed step(s) after {args.warmup} warm-up")
     print(fmt_table(rows))
     print("(GiB; 'est' = engine.planner's estimate: states = params + grads + optimizer + DeepSpeed buffers, "

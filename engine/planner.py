@@ -511,7 +511,7 @@ def estimate_step(facts: ModelFacts, *, stage: int, offload: str, checkpointing:
         gathers = 3 if checkpointing else 2               # forward, backward (+ recompute)
         comm += (gathers + 1) * e * P * ring / coll
     pcie_micro = 0.0
-    if offload != "none" and stage >= 2:
+    if offload != "none" and stage >= 2 and accum > 1:
         pcie_micro += 2 * e * P / N / pcie                # grads accumulated on the host: H2D + D2H
     if offload == "all":
         pcie_micro += (3 if checkpointing else 2) * e * P / N / pcie  # params fetched from the host
@@ -524,7 +524,9 @@ def estimate_step(facts: ModelFacts, *, stage: int, offload: str, checkpointing:
         t_opt = (36 if e == 2 else 32) * P / N / (tp.hbm_gbps * 1e9)
     else:
         t_opt = P / max(num_nodes, 1) / tp.cpu_adam_params_per_s
-        t_opt += (2 if accum > 1 else 1) * e * P / N / pcie  # last grads to the host (+ host accumulator in)
+        # last grads to the host; ZeRO-2 also brings the host accumulator back first (ZeRO-1 keeps
+        # accumulating on the GPU and copies once per step: checked by counting DeepSpeed's calls)
+        t_opt += (2 if accum > 1 and stage >= 2 else 1) * e * P / N / pcie
         if offload == "optimizer":
             t_opt += e * P / N / pcie                      # updated params back to the GPU
     t_step = accum * t_micro + t_boundary + t_opt
