@@ -317,7 +317,8 @@ def main(argv=None) -> int:
     rows = []
     argv = list(sys.argv[1:] if argv is None else argv)
     t_start = time.monotonic()
-    for i, (m, c) in enumerate((m, c) for m in models for c in configs):
+    # the planner's choices first for every model, then the baselines: a time budget cut loses baselines
+    for i, (m, c) in enumerate((m, c) for c in configs for m in models):
         left = args.time_budget - (time.monotonic() - t_start)
         if left < 20:
             rows.append({"model": m, "config": c, "status": "skipped (--time_budget)"})
