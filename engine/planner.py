@@ -48,6 +48,7 @@ memory several-fold; `calibrate` would then have to measure that loss instead of
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -1234,22 +1235,28 @@ def main(argv=None) -> int:
         print("error: --model is required (or --calibrate)", file=sys.stderr)
         return 2
     try:
-        config = _load_config(args.model)
-        tp = replace(Throughput(), gpu_tflops=args.gpu_tflops, cpu_adam_params_per_s=args.cpu_adam_params_per_s,
-                     pcie_gbps=args.pcie_gbps)
-        p = plan(config, gpu_memory_gb=args.gpu_memory_gb, host_memory_gb=args.host_memory_gb,
-                 world_size=args.world_size, num_nodes=args.num_nodes, precision=args.precision,
-                 max_duration_in_seconds=args.max_duration_in_seconds,
-                 effective_batch_seconds=args.effective_batch_seconds,
-                 per_device_train_batch_size=args.per_device_train_batch_size,
-                 gradient_accumulation_steps=args.gradient_accumulation_steps,
-                 attn_implementation=args.attn_implementation, zero_stage=args.zero_stage, offload=args.offload,
-                 min_gpu_seconds_per_step=args.min_gpu_seconds_per_step, throughput=tp, name=args.model)
+        # library chatter (DeepSpeed logs its accelerator choice on stdout at import) goes to stderr
+        with contextlib.redirect_stdout(sys.stderr):
+            p = _plan_cli(args)
     except (PlanError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     print(json.dumps(p.to_dict(), indent=2, default=str) if args.json else p.table())
     return 0
+
+
+def _plan_cli(args) -> Plan:
+    config = _load_config(args.model)
+    tp = replace(Throughput(), gpu_tflops=args.gpu_tflops, cpu_adam_params_per_s=args.cpu_adam_params_per_s,
+                 pcie_gbps=args.pcie_gbps)
+    return plan(config, gpu_memory_gb=args.gpu_memory_gb, host_memory_gb=args.host_memory_gb,
+                world_size=args.world_size, num_nodes=args.num_nodes, precision=args.precision,
+                max_duration_in_seconds=args.max_duration_in_seconds,
+                effective_batch_seconds=args.effective_batch_seconds,
+                per_device_train_batch_size=args.per_device_train_batch_size,
+                gradient_accumulation_steps=args.gradient_accumulation_steps,
+                attn_implementation=args.attn_implementation, zero_stage=args.zero_stage, offload=args.offload,
+                min_gpu_seconds_per_step=args.min_gpu_seconds_per_step, throughput=tp, name=args.model)
 
 
 if __name__ == "__main__":
