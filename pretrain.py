@@ -11,8 +11,9 @@ import sys
 from engine.args import ArgError, parse_args
 from engine.data import DataError
 from engine.models import ModelError
+from engine.planner import PlanError
 
-USER_ERRORS = (ArgError, DataError, ModelError)
+USER_ERRORS = (ArgError, DataError, ModelError, PlanError)
 
 
 def main(argv=None) -> int:

@@ -110,6 +110,19 @@ def build_parser() -> argparse.ArgumentParser:
       help="Attention kernel of the transformers model (default: transformers' choice).")
     data_module.add_data_args(p)
 
+    mem = p.add_argument_group("memory planner (engine/planner.py)")
+    mem.add_argument("--gpu_memory_gb", type=str, default=None, metavar="GB|auto",
+                     help="Plan ZeRO stage, offload, micro-batch, checkpointing and accumulation to fit this much "
+                          "GPU memory per device ('auto' reads the card), keeping the effective batch; printed "
+                          "as a table before training. Flags you pass (--zero_stage, --offload) are kept.")
+    mem.add_argument("--host_memory_gb", type=float, default=None,
+                     help="Host RAM the planner may use for offload (default: MemAvailable).")
+    mem.add_argument("--effective_batch_seconds", type=float, default=None,
+                     help="Audio seconds per optimizer step the planner keeps (default: the recipe's "
+                          "batch x max duration x accumulation x world size).")
+    mem.add_argument("--plan_only", action="store_true",
+                     help="Print the memory plan and exit (needs --gpu_memory_gb without a GPU).")
+
     ds = p.add_argument_group("DeepSpeed flags")
     import deepspeed  # heavy import; keep it out of module import time
     deepspeed.add_config_arguments(p)
@@ -132,9 +145,10 @@ def validate_args(args) -> None:
     """Refuse what cannot work, before any data is read or any device work starts."""
     if args.model_name_or_path is None and args.config_name is None:
         raise ArgError("--model_name_or_path is required (a preset such as 'base', a model dir or a hub id)")
-    if not args.preprocessing_only and not args.output_dir:
+    if not (args.preprocessing_only or args.plan_only) and not args.output_dir:
         raise ArgError("--output_dir is required: checkpoints, metrics and the final model are written there")
-    if not (args.dataset_name or getattr(args, "train_dir", None) or getattr(args, "train_manifest", None)):
+    if not args.plan_only and not (args.dataset_name or getattr(args, "train_dir", None)
+                                   or getattr(args, "train_manifest", None)):
         raise ArgError("missing dataset: pass --dataset_name, --train_dir or --train_manifest")
     if args.dataset_name and args.dataset_config_names and args.dataset_split_names \
             and len(args.dataset_config_names) != len(args.dataset_split_names):
@@ -171,6 +185,12 @@ def validate_args(args) -> None:
         raise ArgError("--push_to_hub needs --output_dir")
     if args.resume not in (None, "latest") and not os.path.isdir(args.resume):
         raise ArgError(f"--resume: {args.resume!r} is not a checkpoint directory")
+    if args.gpu_memory_gb not in (None, "auto"):
+        try:
+            if float(args.gpu_memory_gb) <= 0:
+                raise ValueError
+        except ValueError:
+            raise ArgError(f"--gpu_memory_gb must be a positive number of GiB or 'auto', got {args.gpu_memory_gb!r}")
     if args.output_dir and os.path.isfile(args.output_dir):
         raise ArgError(f"--output_dir {args.output_dir!r} is a file")
 

@@ -102,6 +102,31 @@ def push_to_hub(args, log) -> None:
     log(f"pushed {args.output_dir} to the hub as {repo_id}")
 
 
+def memory_plan(args, config, world_size: int, device_type: str):
+    """The planner's choice for --gpu_memory_gb, applied to args (a simulated cap counts as the card)."""
+    from engine.ds_config import resolve_precision
+    from engine.planner import plan_from_args
+    gpu_gb = args.gpu_memory_gb
+    if gpu_gb == "auto" and os.environ.get("W2V_GPU_MEMORY_CAP_GB"):
+        gpu_gb = os.environ["W2V_GPU_MEMORY_CAP_GB"]
+    if gpu_gb == "auto" and device_type != "cuda":
+        raise ArgError("--gpu_memory_gb auto needs a GPU to read; pass a number of GiB")
+    precision = resolve_precision(args, device_type) if device_type == "cuda" else None
+    plan = plan_from_args(args, config, world_size, precision=precision,
+                          gpu_memory_gb=gpu_gb if gpu_gb == "auto" else float(gpu_gb))
+    plan.apply(args)
+    return plan
+
+
+def plan_only(args) -> dict:
+    """--plan_only: print the plan for this launch's world size, touching no GPU and no data."""
+    config = load_config(args.config_name or args.model_name_or_path, cache_dir=args.cache_dir)
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    plan = memory_plan(args, config, world, "cuda" if torch.cuda.is_available() else "cpu")
+    print(plan.table())
+    return plan.to_dict()
+
+
 def setup(args):
     """Everything before the first step; refusals come before any model or device work."""
     d = setup_distributed()
@@ -110,6 +135,10 @@ def setup(args):
                          flag="--config_name" if args.config_name else "--model_name_or_path")
     feature_extractor = load_feature_extractor(args.model_name_or_path or args.config_name, cache_dir=args.cache_dir)
     spec = MaskingSpec.from_args(args, config)
+    if args.gpu_memory_gb is not None:
+        plan = memory_plan(args, config, d.world_size, d.device.type)
+        if d.is_main:
+            print(plan.table())
     ds_cfg = build_ds_config(args, d.world_size, d.device.type)
     if not args.preprocessing_only:
         check_output_dir(args)
@@ -144,6 +173,8 @@ def evaluate(engine, step_fn: PretrainStep, args, eval_ds, d: Dist) -> dict:
 
 def main(args) -> dict:
     import deepspeed
+    if args.plan_only:
+        return plan_only(args)
     d, config, feature_extractor, spec, ds_cfg, train_ds, eval_ds = setup(args)
     say = print if d.is_main else (lambda *a, **k: None)
     if args.preprocessing_only:

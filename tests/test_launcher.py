@@ -31,3 +31,16 @@ def test_cli_refuses_bad_input_before_training(tmp_path):
     assert proc.returncode == 2
     assert "missing dataset" in proc.stderr and "--dataset_name" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_plan_only_prints_a_plan_and_refuses_what_cannot_fit(tmp_path):
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    base = [sys.executable, str(ROOT / "pretrain.py"), "--plan_only", "--max_duration_in_seconds", "20",
+            "--per_device_train_batch_size", "2", "--gradient_accumulation_steps", "8"]
+    ok = subprocess.run(base + ["--model_name_or_path", "xlsr-1b", "--gpu_memory_gb", "16", "--host_memory_gb", "64"],
+                        env=env, capture_output=True, text=True, timeout=300)
+    assert ok.returncode == 0, ok.stderr[-2000:]
+    assert "offload" in ok.stdout and "optimizer" in ok.stdout and "GPU total (est.)" in ok.stdout
+    bad = subprocess.run(base + ["--model_name_or_path", "xlsr-2b", "--gpu_memory_gb", "8", "--host_memory_gb", "16"],
+                         env=env, capture_output=True, text=True, timeout=300)
+    assert bad.returncode == 2 and "--gpu_memory_gb" in bad.stderr and "Traceback" not in bad.stderr
