@@ -18,16 +18,24 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+import warnings
+
+from engine import fastpath
 from engine.masking import compute_span_mask, sample_negatives
 from engine.models import conv_output_length
 
 
 @dataclass(frozen=True)
 class MaskingSpec:
+    """Masking hyper-parameters, and the forward path of the step (carried here so that every PretrainStep
+    built from the spec, training and evaluation alike, runs the same path)."""
     mask_prob: float
     mask_length: int
     min_masks: int
     num_negatives: int
+    fast_forward: bool = True       # engine/fastpath.py instead of transformers' forward (same losses)
+    attention: str = "sdpa"         # fast path attention: sdpa | sdpa-cudnn | eager | varlen
+    torch_compile: str = "none"     # none | layers | full
 
     @classmethod
     def from_args(cls, args, config) -> "MaskingSpec":
@@ -36,7 +44,19 @@ class MaskingSpec:
         return cls(mask_prob=pick(args.mask_time_prob, config.mask_time_prob),
                    mask_length=pick(args.mask_time_length, config.mask_time_length),
                    min_masks=args.mask_time_min_masks,
-                   num_negatives=pick(args.num_negatives, config.num_negatives))
+                   num_negatives=pick(args.num_negatives, config.num_negatives),
+                   fast_forward=getattr(args, "fast_forward", True),
+                   attention=getattr(args, "fast_attention", "sdpa"),
+                   torch_compile=getattr(args, "torch_compile", "none") or "none")
+
+
+_warned: set = set()
+
+
+def _warn_once(message: str) -> None:
+    if message not in _warned:
+        _warned.add(message)
+        warnings.warn(message, stacklevel=3)
 
 
 class PretrainStep:
@@ -50,6 +70,25 @@ class PretrainStep:
         self.device = device
         self.world_size = world_size
         self.generator = generator
+        self.fast = spec.fast_forward
+        self.attention = spec.attention
+        self.compile = spec.torch_compile
+        if self.fast:
+            reason = fastpath.unsupported_reason(self.config)
+            if reason is not None:
+                _warn_once(f"fast forward off: the model config has {reason}; using transformers' forward")
+                self.fast = False
+        if self.fast:
+            fastpath.install(module)
+            if self.compile != "none" and fastpath.is_zero3(module):
+                _warn_once("--torch_compile is ignored under ZeRO-3 (its parameter hooks do not trace)")
+                self.compile = "none"
+            if self.attention == "varlen" and device.type == "cuda" and not fastpath.varlen_available():
+                _warn_once("--fast_attention varlen: this torch has no torch.nn.attention.varlen; using sdpa")
+                self.attention = "sdpa"
+            if self.attention == "varlen" and self.config.attention_dropout > 0:
+                _warn_once("--fast_attention varlen: flash varlen attention has no dropout, so training batches "
+                           f"with padding use sdpa (attention_dropout={self.config.attention_dropout})")
 
     def prepare(self, batch: dict) -> dict:
         """Device tensors for the model: inputs, attention mask, span mask and negatives."""
@@ -61,9 +100,17 @@ class PretrainStep:
         mask = compute_span_mask(frame_lengths, seq_len, self.spec.mask_prob, self.spec.mask_length,
                                  self.spec.min_masks, generator=self.generator)
         negatives = sample_negatives(mask, self.spec.num_negatives, generator=self.generator)
-        return {"input_values": input_values, "attention_mask": attention_mask,
-                "mask_time_indices": mask, "sampled_negative_indices": negatives,
-                "frame_lengths": frame_lengths}
+        inputs = {"input_values": input_values, "attention_mask": attention_mask,
+                  "mask_time_indices": mask, "sampled_negative_indices": negatives,
+                  "frame_lengths": frame_lengths}
+        if self.fast:
+            host_mask = batch["attention_mask"]
+            # Right padding: the batch is padded iff a last sample is padding (host tensor: no device sync).
+            inputs["padded"] = host_mask.device.type != "cpu" or not bool(host_mask[:, -1].all())
+            if inputs["padded"] and self.attention == "varlen":
+                host_lengths = self.module._get_feat_extract_output_lengths(host_mask.sum(-1))
+                inputs["packing"] = fastpath.packing_for(host_lengths, seq_len, self.device)
+        return inputs
 
     def global_sum(self, value: torch.Tensor) -> torch.Tensor:
         if self.world_size > 1:
@@ -73,9 +120,19 @@ class PretrainStep:
 
     def forward(self, model, inputs: dict) -> tuple[torch.Tensor, dict]:
         """Forward through `model` (DeepSpeed engine or bare module); returns (loss to backprop, stats)."""
-        out = model(input_values=inputs["input_values"], attention_mask=inputs["attention_mask"],
-                    mask_time_indices=inputs["mask_time_indices"],
-                    sampled_negative_indices=inputs["sampled_negative_indices"])
+        if self.fast:
+            fastpath.install(getattr(model, "module", model))
+            args = fastpath.FastPathArgs(attention=self.attention, frame_lengths=inputs["frame_lengths"],
+                                         packing=inputs.get("packing"), compile=self.compile)
+            # No padding: no attention mask at all, so that sdpa can pick flash attention.
+            out = model(input_values=inputs["input_values"],
+                        attention_mask=inputs["attention_mask"] if inputs.get("padded", True) else None,
+                        mask_time_indices=inputs["mask_time_indices"],
+                        sampled_negative_indices=inputs["sampled_negative_indices"], fast_path=args)
+        else:
+            out = model(input_values=inputs["input_values"], attention_mask=inputs["attention_mask"],
+                        mask_time_indices=inputs["mask_time_indices"],
+                        sampled_negative_indices=inputs["sampled_negative_indices"])
         num_losses = inputs["mask_time_indices"].sum()
         num_losses_all = self.global_sum(num_losses.float()).clamp_min(1.0)
         loss = out.loss * (self.world_size / num_losses_all)
@@ -85,7 +142,8 @@ class PretrainStep:
             "diversity_sum": out.diversity_loss.detach().float(),
             "num_losses": num_losses.detach().float(),
             "frames": inputs["frame_lengths"].sum().float(),
-            "padded_frames": torch.tensor(float(inputs["mask_time_indices"].numel()), device=num_losses.device),
+            # torch.full, not torch.tensor(x, device=...): a blocking host-to-device copy syncs the stream
+            "padded_frames": torch.full((), float(inputs["mask_time_indices"].numel()), device=num_losses.device),
             "ppl": out.codevector_perplexity.detach().float(),
             "micro_batches": torch.ones((), device=num_losses.device),
             "samples": inputs["attention_mask"].sum().float(),
