@@ -61,8 +61,9 @@ class Packing:
 
 @dataclass
 class FastPathArgs:
-    """Per-call arguments of the fast forward. `frame_lengths` (LongTensor[B], device) are required when an
-    attention mask is given; `packing` only for `varlen` attention on a padded batch."""
+    """Per-call arguments of the fast forward. `frame_lengths` (LongTensor[B], on the device): the batch is
+    padded and these are its real frames (else they come from `attention_mask`; neither: no padding).
+    `packing` only for `varlen` attention on a padded batch."""
     attention: str = "sdpa"
     frame_lengths: torch.Tensor | None = None
     packing: Packing | None = None
@@ -310,11 +311,11 @@ def _pretraining_forward(model, input_values, attention_mask, mask_time_indices,
     features = encode(model, input_values)
     B, T, _ = features.shape
 
-    frame_mask = None
-    if attention_mask is not None:
-        lengths = args.frame_lengths
-        if lengths is None:
-            lengths = model._get_feat_extract_output_lengths(attention_mask.sum(-1))
+    lengths = args.frame_lengths
+    if lengths is None and attention_mask is not None:
+        lengths = model._get_feat_extract_output_lengths(attention_mask.sum(-1))
+    frame_mask = None                                # None: no padding (flash attention, no masking)
+    if lengths is not None:
         frame_mask = torch.arange(T, device=features.device)[None, :] < lengths[:, None]
 
     hidden, extract = w2v.feature_projection(features)

@@ -91,25 +91,33 @@ class PretrainStep:
                            f"with padding use sdpa (attention_dropout={self.config.attention_dropout})")
 
     def prepare(self, batch: dict) -> dict:
-        """Device tensors for the model: inputs, attention mask, span mask and negatives."""
+        """Device tensors for the model: inputs, attention mask, span mask and negatives.
+
+        Fast path with a host batch: the mask is not copied; the sample lengths are found on the host (a
+        binary search per right-padded row) and B numbers travel instead of a [B, S] int64 tensor."""
         dtype = next(self.module.parameters()).dtype
         input_values = batch["input_values"].to(self.device, non_blocking=True).to(dtype)
-        attention_mask = batch["attention_mask"].to(self.device, non_blocking=True)
+        host_mask = batch["attention_mask"]
         seq_len = conv_output_length(self.config, input_values.shape[-1])
-        frame_lengths = self.module._get_feat_extract_output_lengths(attention_mask.sum(-1)).long()
+        padded = True
+        if self.fast and host_mask.device.type == "cpu":
+            host_lengths = right_padded_lengths(host_mask)
+            padded = bool((host_lengths < host_mask.shape[-1]).any())
+            sample_lengths = _to_device(host_lengths, self.device)
+            attention_mask = None
+        else:
+            attention_mask = host_mask.to(self.device, non_blocking=True)
+            sample_lengths = attention_mask.sum(-1)
+        frame_lengths = self.module._get_feat_extract_output_lengths(sample_lengths).long()
         mask = compute_span_mask(frame_lengths, seq_len, self.spec.mask_prob, self.spec.mask_length,
                                  self.spec.min_masks, generator=self.generator)
         negatives = sample_negatives(mask, self.spec.num_negatives, generator=self.generator)
-        inputs = {"input_values": input_values, "attention_mask": attention_mask,
+        inputs = {"input_values": input_values, "attention_mask": attention_mask, "sample_lengths": sample_lengths,
                   "mask_time_indices": mask, "sampled_negative_indices": negatives,
-                  "frame_lengths": frame_lengths}
-        if self.fast:
-            host_mask = batch["attention_mask"]
-            # Right padding: the batch is padded iff a last sample is padding (host tensor: no device sync).
-            inputs["padded"] = host_mask.device.type != "cpu" or not bool(host_mask[:, -1].all())
-            if inputs["padded"] and self.attention == "varlen":
-                host_lengths = self.module._get_feat_extract_output_lengths(host_mask.sum(-1))
-                inputs["packing"] = fastpath.packing_for(host_lengths, seq_len, self.device)
+                  "frame_lengths": frame_lengths, "padded": padded}
+        if self.fast and padded and self.attention == "varlen" and attention_mask is None:
+            host_frames = self.module._get_feat_extract_output_lengths(host_lengths)
+            inputs["packing"] = fastpath.packing_for(host_frames, seq_len, self.device)
         return inputs
 
     def global_sum(self, value: torch.Tensor) -> torch.Tensor:
@@ -122,11 +130,12 @@ class PretrainStep:
         """Forward through `model` (DeepSpeed engine or bare module); returns (loss to backprop, stats)."""
         if self.fast:
             fastpath.install(getattr(model, "module", model))
-            args = fastpath.FastPathArgs(attention=self.attention, frame_lengths=inputs["frame_lengths"],
-                                         packing=inputs.get("packing"), compile=self.compile)
-            # No padding: no attention mask at all, so that sdpa can pick flash attention.
-            out = model(input_values=inputs["input_values"],
-                        attention_mask=inputs["attention_mask"] if inputs.get("padded", True) else None,
+            # No padding: no frame lengths and no mask, so that sdpa can pick flash attention.
+            padded = inputs.get("padded", True)
+            args = fastpath.FastPathArgs(attention=self.attention, compile=self.compile,
+                                         frame_lengths=inputs["frame_lengths"] if padded else None,
+                                         packing=inputs.get("packing"))
+            out = model(input_values=inputs["input_values"], attention_mask=None,
                         mask_time_indices=inputs["mask_time_indices"],
                         sampled_negative_indices=inputs["sampled_negative_indices"], fast_path=args)
         else:
@@ -146,9 +155,33 @@ class PretrainStep:
             "padded_frames": torch.full((), float(inputs["mask_time_indices"].numel()), device=num_losses.device),
             "ppl": out.codevector_perplexity.detach().float(),
             "micro_batches": torch.ones((), device=num_losses.device),
-            "samples": inputs["attention_mask"].sum().float(),
+            "samples": inputs["sample_lengths"].sum().float(),
         }
         return loss, stats
+
+
+def right_padded_lengths(mask: torch.Tensor) -> torch.Tensor:
+    """Lengths of the rows of a host attention mask padded on the right (the batch contract): a binary
+    search per row, O(B log S) instead of the O(B S) of `mask.sum(-1)` (3 ms for a 400 s batch)."""
+    rows = mask.numpy()
+    S = rows.shape[1]
+    lengths = []
+    for row in rows:
+        lo, hi = 0, S
+        while lo < hi:
+            mid = (lo + hi) // 2
+            if row[mid]:
+                lo = mid + 1
+            else:
+                hi = mid
+        lengths.append(lo)
+    return torch.tensor(lengths, dtype=torch.long)
+
+
+def _to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    if device.type == "cuda":
+        t = t.pin_memory()  # served by torch's caching host allocator after the first steps
+    return t.to(device, non_blocking=True)
 
 
 class StatsWindow:
