@@ -39,6 +39,7 @@ Not supported (the step falls back to transformers' forward): `mask_feature_prob
 """
 from __future__ import annotations
 
+import dataclasses
 import types
 from dataclasses import dataclass
 
@@ -143,10 +144,10 @@ def _attention(attn, x, mode: str, key_mask, packing):
     v = attn.v_proj(x).view(*shape, heads, head_dim)
     p = attn.dropout if attn.training else 0.0
     if mode == "varlen" and packing is not None:
-        if q.device.type == "cuda":
+        if q.device.type == "cuda" and q.dtype in (torch.bfloat16, torch.float16):
             from torch.nn.attention.varlen import varlen_attn
             o = varlen_attn(q, k, v, packing.cu_seqlens, packing.cu_seqlens, packing.max_len, packing.max_len)
-        else:  # reference for CPU tests: the same packed layout, one sdpa per utterance
+        else:  # CPU tests and fp32: the same packed layout, one sdpa per utterance (a host read of cu_seqlens)
             cu = packing.cu_seqlens.tolist()
             o = torch.cat([F.scaled_dot_product_attention(*(t[a:b].transpose(0, 1) for t in (q, k, v)),
                                                           scale=attn.scaling).transpose(0, 1)
@@ -216,7 +217,7 @@ def _encoder(enc, h, frame_mask, args: FastPathArgs, stable: bool):
     key_mask = frame_mask if packing is None else None
 
     layer_fn = encoder_layer
-    if args.compile == "layers":
+    if args.compile == "layers" and packing is None:  # varlen's host-side max_len would specialize the graph
         layer_fn = _compiled_fn(encoder_layer, "layer")
     for layer in enc.layers:
         if getattr(layer, "gradient_checkpointing", False) and layer.training and torch.is_grad_enabled():
@@ -294,6 +295,8 @@ def pretraining_forward(model, input_values, attention_mask=None, mask_time_indi
                         sampled_negative_indices=None, *, args: FastPathArgs | None = None, **unused):
     """Same losses as `Wav2Vec2ForPreTraining.forward(...)` (see module docstring), no host synchronization."""
     args = args or FastPathArgs()
+    if args.compile == "full" and args.attention == "varlen":
+        args = dataclasses.replace(args, compile="layers")   # see _encoder: varlen layers stay eager
     if args.compile == "full":
         fn = _compiled_fn(_pretraining_forward, "full")
         return fn(model, input_values, attention_mask, mask_time_indices, sampled_negative_indices, args)
