@@ -400,7 +400,7 @@ def run_row(model_name, spec, settings, args, device, audio_seed):
             close()
         except Exception:  # noqa: BLE001
             pass
-        del step, close, batches, raw
+        del step, close, check, batches, raw
         gc.collect()
         if is_cuda:
             torch.cuda.empty_cache()
