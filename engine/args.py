@@ -108,6 +108,16 @@ def build_parser() -> argparse.ArgumentParser:
     o("--keep_last_checkpoints", type=int, default=2, help="DeepSpeed checkpoints kept in output_dir/checkpoints.")
     o("--attn_implementation", type=str, default=None, choices=["eager", "sdpa"],
       help="Attention kernel of the transformers model (default: transformers' choice).")
+    o("--fast_forward", action=argparse.BooleanOptionalAction, default=True,
+      help="Our sync-free pre-training forward (engine/fastpath.py: same losses and gradients as transformers', "
+           "on the same modules and parameters); --no-fast_forward runs transformers' forward.")
+    o("--fast_attention", type=str, default="sdpa", choices=["sdpa", "sdpa-cudnn", "eager", "varlen"],
+      help="Attention of the fast forward: sdpa (flash when a batch has no padding, else a key-padding mask), "
+           "sdpa-cudnn (cuDNN attention first), eager, or varlen (padded batches packed to their real frames; "
+           "flash varlen, torch>=2.10 on CUDA; needs attention_dropout 0 to apply in training).")
+    o("--torch_compile", nargs="?", const="layers", default="none", choices=["none", "layers", "full"],
+      help="torch.compile the fast forward: 'layers' (the conv encoder and one graph shared by all transformer "
+           "layers; the default when the flag is bare) or 'full' (the whole forward). Not under ZeRO-3.")
     data_module.add_data_args(p)
 
     mem = p.add_argument_group("memory planner (engine/planner.py)")

@@ -18,16 +18,24 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+import warnings
+
+from engine import fastpath
 from engine.masking import compute_span_mask, sample_negatives
 from engine.models import conv_output_length
 
 
 @dataclass(frozen=True)
 class MaskingSpec:
+    """Masking hyper-parameters, and the forward path of the step (carried here so that every PretrainStep
+    built from the spec, training and evaluation alike, runs the same path)."""
     mask_prob: float
     mask_length: int
     min_masks: int
     num_negatives: int
+    fast_forward: bool = True       # engine/fastpath.py instead of transformers' forward (same losses)
+    attention: str = "sdpa"         # fast path attention: sdpa | sdpa-cudnn | eager | varlen
+    torch_compile: str = "none"     # none | layers | full
 
     @classmethod
     def from_args(cls, args, config) -> "MaskingSpec":
@@ -36,7 +44,19 @@ class MaskingSpec:
         return cls(mask_prob=pick(args.mask_time_prob, config.mask_time_prob),
                    mask_length=pick(args.mask_time_length, config.mask_time_length),
                    min_masks=args.mask_time_min_masks,
-                   num_negatives=pick(args.num_negatives, config.num_negatives))
+                   num_negatives=pick(args.num_negatives, config.num_negatives),
+                   fast_forward=getattr(args, "fast_forward", True),
+                   attention=getattr(args, "fast_attention", "sdpa"),
+                   torch_compile=getattr(args, "torch_compile", "none") or "none")
+
+
+_warned: set = set()
+
+
+def _warn_once(message: str) -> None:
+    if message not in _warned:
+        _warned.add(message)
+        warnings.warn(message, stacklevel=3)
 
 
 class PretrainStep:
@@ -50,20 +70,55 @@ class PretrainStep:
         self.device = device
         self.world_size = world_size
         self.generator = generator
+        self.fast = spec.fast_forward
+        self.attention = spec.attention
+        self.compile = spec.torch_compile
+        if self.fast:
+            reason = fastpath.unsupported_reason(self.config)
+            if reason is not None:
+                _warn_once(f"fast forward off: the model config has {reason}; using transformers' forward")
+                self.fast = False
+        if self.fast:
+            fastpath.install(module)
+            if self.compile != "none" and fastpath.is_zero3(module):
+                _warn_once("--torch_compile is ignored under ZeRO-3 (its parameter hooks do not trace)")
+                self.compile = "none"
+            if self.attention == "varlen" and device.type == "cuda" and not fastpath.varlen_available():
+                _warn_once("--fast_attention varlen: this torch has no torch.nn.attention.varlen; using sdpa")
+                self.attention = "sdpa"
+            if self.attention == "varlen" and self.config.attention_dropout > 0:
+                _warn_once("--fast_attention varlen: flash varlen attention has no dropout, so training batches "
+                           f"with padding use sdpa (attention_dropout={self.config.attention_dropout})")
 
     def prepare(self, batch: dict) -> dict:
-        """Device tensors for the model: inputs, attention mask, span mask and negatives."""
+        """Device tensors for the model: inputs, attention mask, span mask and negatives.
+
+        Fast path with a host batch: the mask is not copied; the sample lengths are found on the host (a
+        binary search per right-padded row) and B numbers travel instead of a [B, S] int64 tensor."""
         dtype = next(self.module.parameters()).dtype
         input_values = batch["input_values"].to(self.device, non_blocking=True).to(dtype)
-        attention_mask = batch["attention_mask"].to(self.device, non_blocking=True)
+        host_mask = batch["attention_mask"]
         seq_len = conv_output_length(self.config, input_values.shape[-1])
-        frame_lengths = self.module._get_feat_extract_output_lengths(attention_mask.sum(-1)).long()
+        padded = True
+        if self.fast and host_mask.device.type == "cpu":
+            host_lengths = right_padded_lengths(host_mask)
+            padded = bool((host_lengths < host_mask.shape[-1]).any())
+            sample_lengths = _to_device(host_lengths, self.device)
+            attention_mask = None
+        else:
+            attention_mask = host_mask.to(self.device, non_blocking=True)
+            sample_lengths = attention_mask.sum(-1)
+        frame_lengths = self.module._get_feat_extract_output_lengths(sample_lengths).long()
         mask = compute_span_mask(frame_lengths, seq_len, self.spec.mask_prob, self.spec.mask_length,
                                  self.spec.min_masks, generator=self.generator)
         negatives = sample_negatives(mask, self.spec.num_negatives, generator=self.generator)
-        return {"input_values": input_values, "attention_mask": attention_mask,
-                "mask_time_indices": mask, "sampled_negative_indices": negatives,
-                "frame_lengths": frame_lengths}
+        inputs = {"input_values": input_values, "attention_mask": attention_mask, "sample_lengths": sample_lengths,
+                  "mask_time_indices": mask, "sampled_negative_indices": negatives,
+                  "frame_lengths": frame_lengths, "padded": padded}
+        if self.fast and padded and self.attention == "varlen" and attention_mask is None:
+            host_frames = self.module._get_feat_extract_output_lengths(host_lengths)
+            inputs["packing"] = fastpath.packing_for(host_frames, seq_len, self.device)
+        return inputs
 
     def global_sum(self, value: torch.Tensor) -> torch.Tensor:
         if self.world_size > 1:
@@ -73,9 +128,20 @@ class PretrainStep:
 
     def forward(self, model, inputs: dict) -> tuple[torch.Tensor, dict]:
         """Forward through `model` (DeepSpeed engine or bare module); returns (loss to backprop, stats)."""
-        out = model(input_values=inputs["input_values"], attention_mask=inputs["attention_mask"],
-                    mask_time_indices=inputs["mask_time_indices"],
-                    sampled_negative_indices=inputs["sampled_negative_indices"])
+        if self.fast:
+            fastpath.install(getattr(model, "module", model))
+            # No padding: no frame lengths and no mask, so that sdpa can pick flash attention.
+            padded = inputs.get("padded", True)
+            args = fastpath.FastPathArgs(attention=self.attention, compile=self.compile,
+                                         frame_lengths=inputs["frame_lengths"] if padded else None,
+                                         packing=inputs.get("packing"))
+            out = model(input_values=inputs["input_values"], attention_mask=None,
+                        mask_time_indices=inputs["mask_time_indices"],
+                        sampled_negative_indices=inputs["sampled_negative_indices"], fast_path=args)
+        else:
+            out = model(input_values=inputs["input_values"], attention_mask=inputs["attention_mask"],
+                        mask_time_indices=inputs["mask_time_indices"],
+                        sampled_negative_indices=inputs["sampled_negative_indices"])
         num_losses = inputs["mask_time_indices"].sum()
         num_losses_all = self.global_sum(num_losses.float()).clamp_min(1.0)
         loss = out.loss * (self.world_size / num_losses_all)
@@ -85,12 +151,37 @@ class PretrainStep:
             "diversity_sum": out.diversity_loss.detach().float(),
             "num_losses": num_losses.detach().float(),
             "frames": inputs["frame_lengths"].sum().float(),
-            "padded_frames": torch.tensor(float(inputs["mask_time_indices"].numel()), device=num_losses.device),
+            # torch.full, not torch.tensor(x, device=...): a blocking host-to-device copy syncs the stream
+            "padded_frames": torch.full((), float(inputs["mask_time_indices"].numel()), device=num_losses.device),
             "ppl": out.codevector_perplexity.detach().float(),
             "micro_batches": torch.ones((), device=num_losses.device),
-            "samples": inputs["attention_mask"].sum().float(),
+            "samples": inputs["sample_lengths"].sum().float(),
         }
         return loss, stats
+
+
+def right_padded_lengths(mask: torch.Tensor) -> torch.Tensor:
+    """Lengths of the rows of a host attention mask padded on the right (the batch contract): a binary
+    search per row, O(B log S) instead of the O(B S) of `mask.sum(-1)` (3 ms for a 400 s batch)."""
+    rows = mask.numpy()
+    S = rows.shape[1]
+    lengths = []
+    for row in rows:
+        lo, hi = 0, S
+        while lo < hi:
+            mid = (lo + hi) // 2
+            if row[mid]:
+                lo = mid + 1
+            else:
+                hi = mid
+        lengths.append(lo)
+    return torch.tensor(lengths, dtype=torch.long)
+
+
+def _to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    if device.type == "cuda":
+        t = t.pin_memory()  # served by torch's caching host allocator after the first steps
+    return t.to(device, non_blocking=True)
 
 
 class StatsWindow:
