@@ -174,6 +174,10 @@ def test_a_run_with_a_nan_batch_skips_it_logs_it_and_continues(corpus_dir, tmp_p
     assert "loss" not in train_logs[2]  # the only update of that window was skipped
     assert all(r["loss"] == r["loss"] and 0 < r["grad_norm"] < 1e3 for i, r in enumerate(train_logs) if i != 2)
     assert train_logs[-1]["skipped_steps"] == 1
+    from engine.report import summarize
+    text, warnings = summarize(str(tmp_path))
+    assert "skipped non-finite updates: 1 at steps [3]" in text and "non-finite loss -- utterances" in text
+    assert warnings == ["1 updates skipped for non-finite loss/gradients"]
     from safetensors.torch import load_file
     assert all(torch.isfinite(t).all() for t in load_file(str(tmp_path / "model.safetensors")).values())
 
