@@ -43,6 +43,26 @@ def codebook_size(run_dir: str) -> int | None:
         return None
 
 
+def collapse_threshold(run_dir: str, guard: list[dict]) -> float | None:
+    """The collapse alarm's threshold: from an alarm record, else the run's flag, else the default for its
+    config (see engine/health.py)."""
+    for g in guard:
+        if g.get("event") == "collapse":
+            return g.get("threshold")
+    try:
+        with open(os.path.join(run_dir, "run_args.json")) as fh:
+            flag = json.load(fh).get("min_codevector_perplexity")
+        if flag is not None:
+            return float(flag) or None
+        with open(os.path.join(run_dir, "config.json")) as fh:
+            cfg = json.load(fh)
+    except (OSError, ValueError):
+        return None
+    from types import SimpleNamespace
+    from engine.health import default_collapse_threshold
+    return default_collapse_threshold(SimpleNamespace(**cfg))
+
+
 def series(records: list[dict], key: str) -> tuple[list[int], list[float]]:
     """(steps, values) of `key`, leaving out records without a finite number for it."""
     steps, values = [], []
@@ -141,13 +161,13 @@ def plot(run_dir: str, out_dir: str, recs: dict[str, list[dict]] | None = None) 
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    from matplotlib.ticker import NullFormatter, ScalarFormatter
+    from matplotlib.ticker import FuncFormatter, NullFormatter
 
     recs = recs or load_records(run_dir)
     train, evals, guard = recs["train"], recs["eval"], recs["guard"]
     skipped = [g["step"] for g in guard if g.get("event") == "nonfinite"]
     size = codebook_size(run_dir)
-    threshold = next((g.get("threshold") for g in guard if g.get("event") == "collapse"), None)
+    threshold = collapse_threshold(run_dir, guard)
     os.makedirs(out_dir, exist_ok=True)
 
     def mark_skips(ax):
@@ -169,10 +189,11 @@ def plot(run_dir: str, out_dir: str, recs: dict[str, list[dict]] | None = None) 
             ax.set_title("loss parts (per masked frame)")
         elif name == "grad_norm":
             ax.axhspan(*GRAD_BAND, color="green", alpha=0.12, label=f"healthy {GRAD_BAND[0]}-{GRAD_BAND[1]}")
-            ax.plot(*series(train, "grad_norm"), label="grad norm")
-            if series(train, "grad_norm")[1]:
+            gs, gv = series(train, "grad_norm")
+            ax.plot(gs, gv, label="grad norm")
+            if gv and max(gv) > 20 * max(min(gv), 1e-12):  # log scale only for a wide range
                 ax.set_yscale("log")
-                ax.yaxis.set_major_formatter(ScalarFormatter())
+                ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
                 ax.yaxis.set_minor_formatter(NullFormatter())
             ax.set_title("gradient norm")
         elif name == "perplexity":
