@@ -110,6 +110,8 @@ def summarize(run_dir: str, recs: dict[str, list[dict]] | None = None) -> tuple[
         if val:
             lines.append(f"validation loss: first {val[0]:.4g}, final {val[-1]:.4g}, min {min(val):.4g} "
                          f"({len(val)} evaluations)")
+            if len(val) >= 3 and val[-1] > 1.05 * min(val):
+                warnings.append("the validation loss rose from its minimum (overfitting a small set, or diverging)")
 
     _, gn = series(train, "grad_norm")
     if gn:

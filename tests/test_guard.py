@@ -218,3 +218,28 @@ def test_the_collapse_alarm_warns_and_can_stop(corpus_dir, tmp_path, capsys):
 def test_guard_flags_are_validated(tmp_path, flags, message):
     with pytest.raises(ArgError, match=message):
         parse_args(tiny_flags(tmp_path, tmp_path / "out", *flags))
+
+
+def test_two_ranks_skip_together_and_log_the_bad_ranks_ids(corpus_dir, tmp_path):
+    """Rank 1's third batch is NaN: both ranks skip step 3 (ZeRO 0 fp32: the guard's own check, all-reduced),
+    the record holds both ranks' ids and names rank 1's batch, and training goes on."""
+    import os
+    import subprocess
+    from pathlib import Path
+    from conftest import free_port
+    root = Path(__file__).resolve().parents[1]
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(root), W2V_NAN_AT="1:3")
+    for key in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(key, None)
+    cmd = ["deepspeed", "--num_accelerators", "2", "--master_port", str(free_port()), str(root / "tests" / "nan_inject.py"),
+           *tiny_flags(corpus_dir, tmp_path, "--zero_stage", "0", "--precision", "fp32", "--max_train_steps", "5")]
+    proc = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    records = read_metrics(str(tmp_path))
+    guard = [r for r in records if r["split"] == "guard"]
+    assert len(guard) == 1 and guard[0]["step"] == 3
+    assert len(guard[0]["ids"]) == 8 and len(guard[0]["nonfinite_loss_ids"]) == 4
+    assert set(guard[0]["nonfinite_loss_ids"]) == set(guard[0]["ids"][4:])  # rank 1's micro-batch
+    logs = [r for r in records if r["split"] == "train"]
+    assert [r["step"] for r in logs] == [1, 2, 3, 4, 5] and "loss" not in logs[2]
+    assert all(r["loss"] == r["loss"] for r in logs if r["step"] != 3) and logs[-1]["skipped_steps"] == 1
