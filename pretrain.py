@@ -5,11 +5,16 @@
     python pretrain.py --model_name_or_path demo --train_dir data/demo --output_dir outputs/demo
 
 Every flag of HF's run_wav2vec2_pretraining_no_trainer.py works the same way; `--help` lists all.
+
+    python pretrain.py report RUN_DIR      plots and a health summary of a run (= python -m engine.report)
+
+Exit codes: 0 done, 2 bad flags/data/model, 3 stopped by a health check (NaN guard, collapse alarm).
 """
 import sys
 
 from engine.args import ArgError, parse_args
 from engine.data import DataError
+from engine.guard import TrainingStopped
 from engine.models import ModelError
 from engine.planner import PlanError
 
@@ -17,6 +22,10 @@ USER_ERRORS = (ArgError, DataError, ModelError, PlanError)
 
 
 def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["report"]:
+        from engine.report import main as report
+        return report(argv[1:])
     try:
         args = parse_args(argv)
         from engine.trainer import main as train
@@ -24,6 +33,9 @@ def main(argv=None) -> int:
     except USER_ERRORS as exc:  # bad flags, data or model: the message names the flag or file
         print(f"pretrain.py: error: {exc}", file=sys.stderr)
         return 2
+    except TrainingStopped as exc:  # the run diverged or collapsed; metrics.jsonl says where
+        print(f"pretrain.py: stopped: {exc}", file=sys.stderr)
+        return 3
     return 0
 
 

@@ -10,5 +10,10 @@ Modules (one job each; see docs/ARCHITECTURE.md):
   trainer     the training loop
   checkpoint  save/resume
   metrics     JSONL / tqdm / wandb logging
+  monitor     what the loop logs and checks each step: statistics window, guard, alarm, MFU
+  guard       skip non-finite updates, log their utterance ids, stop a diverged run
+  health      code perplexity (argmax codes) and the codebook-collapse alarm
+  flops       analytic FLOP model of wav2vec 2.0 and MFU
+  report      plots and a health summary of a run (python -m engine.report RUN_DIR)
 """
 __version__ = "0.1.0"

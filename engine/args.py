@@ -93,6 +93,23 @@ def build_parser() -> argparse.ArgumentParser:
     o("--num_negatives", type=int, default=None, help="Distractors per masked frame; default: the config's (100).")
     o("--report_to", type=str, default="none", choices=["none", "wandb"],
       help="Also log to this tracker (metrics always go to output_dir/metrics.jsonl).")
+    o("--wandb_project", type=str, default=None,
+      help="wandb project for --report_to wandb (default: output_dir's name). WANDB_MODE=offline works; "
+           "a wandb that cannot start (no login, no network) is reported and the run goes on without it.")
+    o("--wandb_run_name", type=str, default=None, help="wandb run name for --report_to wandb (default: wandb's).")
+    o("--nan_guard_window", type=int, default=100,
+      help="Window (optimizer steps) in which skipped non-finite updates are counted for --max_nonfinite_steps.")
+    o("--max_nonfinite_steps", type=int, default=5,
+      help="Stop the run when this many updates were skipped for a NaN/inf loss or gradient within "
+           "--nan_guard_window steps (0 = never stop; such updates are always skipped and logged).")
+    o("--min_codevector_perplexity", type=float, default=None,
+      help="Codebook-collapse alarm: warn when the logged codevector perplexity falls under this "
+           "(default: 2%% of the codebook, at least 2 codes per group; 0 = no alarm).")
+    o("--stop_on_collapse", action="store_true",
+      help="Stop the run (instead of warning) when the codebook-collapse alarm fires.")
+    o("--peak_tflops", type=float, default=None,
+      help="Peak dense TFLOP/s of one device for the MFU figure (default: known for H100/H200/A100 "
+           "per precision; MFU is null on CPU and unknown GPUs).")
     o("--resume", nargs="?", const="latest", default=None, metavar="CHECKPOINT",
       help="Resume from output_dir's latest checkpoint, or from the given checkpoint directory.")
     o("--zero_stage", type=int, default=None, choices=ZERO_STAGES,
@@ -169,6 +186,19 @@ def validate_args(args) -> None:
     for name in positive:
         if getattr(args, name) is not None and getattr(args, name) < 1:
             raise ArgError(f"--{name} must be >= 1, got {getattr(args, name)}")
+    if args.nan_guard_window < 1:
+        raise ArgError(f"--nan_guard_window must be >= 1, got {args.nan_guard_window}")
+    if args.max_nonfinite_steps < 0:
+        raise ArgError(f"--max_nonfinite_steps must be >= 0 (0 = never stop), got {args.max_nonfinite_steps}")
+    if args.max_nonfinite_steps > args.nan_guard_window:
+        raise ArgError(f"--max_nonfinite_steps {args.max_nonfinite_steps} can never be reached within "
+                       f"--nan_guard_window {args.nan_guard_window}; lower it or widen the window")
+    if args.min_codevector_perplexity is not None and args.min_codevector_perplexity < 0:
+        raise ArgError(f"--min_codevector_perplexity must be >= 0, got {args.min_codevector_perplexity}")
+    if args.peak_tflops is not None and args.peak_tflops <= 0:
+        raise ArgError(f"--peak_tflops must be > 0, got {args.peak_tflops}")
+    if args.stop_on_collapse and args.min_codevector_perplexity == 0:
+        raise ArgError("--stop_on_collapse needs the alarm: --min_codevector_perplexity 0 switches it off")
     if args.max_train_steps is not None and args.max_train_steps < 1:
         raise ArgError(f"--max_train_steps must be >= 1, got {args.max_train_steps}")
     if args.learning_rate <= 0:

@@ -23,7 +23,8 @@ class MetricsLogger:
         self.wandb = None
         if is_main and report_to == "wandb":
             self.wandb = _start_wandb(project or os.path.basename(os.path.abspath(output_dir or "run")),
-                                      run_name, run_config, self.write)
+                                      run_name, run_config, output_dir, self.write)
+        self.closed = False
 
     def write(self, text: str) -> None:
         """A line above the progress bar (rank 0 only)."""
@@ -31,7 +32,9 @@ class MetricsLogger:
             self.bar.write(text)
 
     def log(self, step: int, metrics: dict, split: str = "train") -> None:
-        if not self.is_main:
+        """One record: `metrics` may hold numbers, None (not measured here, e.g. MFU on CPU) and, for the
+        guard, strings and lists; only numbers go to the progress line and wandb."""
+        if not self.is_main or self.closed:
             return
         record = {"step": step, "split": split, "time": round(time.time(), 3), **metrics}
         if self.path:
@@ -40,10 +43,12 @@ class MetricsLogger:
         if split == "train":
             keep = {k: metrics[k] for k in ("loss", "grad_norm", "lr", "audio_s_per_s") if k in metrics}
             self.bar.set_postfix({k: _short(v) for k, v in keep.items()}, refresh=False)
-        self.write(f"[{split} step {step}] " + " | ".join(f"{k} {_short(v)}" for k, v in metrics.items()))
-        if self.wandb is not None:
+        shown = {k: v for k, v in metrics.items() if v is not None and not isinstance(v, list)}
+        self.write(f"[{split} step {step}] " + " | ".join(f"{k} {_short(v)}" for k, v in shown.items()))
+        numbers = {f"{split}/{k}": v for k, v in shown.items() if isinstance(v, (int, float))}
+        if self.wandb is not None and numbers:
             try:
-                self.wandb.log({f"{split}/{k}": v for k, v in metrics.items()}, step=step)
+                self.wandb.log(numbers, step=step)
             except Exception as exc:  # a tracker outage must not stop training
                 self.write(f"wandb.log failed ({exc}); wandb logging switched off")
                 self.wandb = None
@@ -52,6 +57,10 @@ class MetricsLogger:
         self.bar.update(n)
 
     def close(self) -> None:
+        """End the progress bar and the wandb run (idempotent)."""
+        if self.closed:
+            return
+        self.closed = True
         self.bar.close()
         if self.wandb is not None:
             try:
@@ -68,10 +77,14 @@ def _short(v) -> str:
     return str(v)
 
 
-def _start_wandb(project, run_name, run_config, write):
+def _start_wandb(project, run_name, run_config, output_dir, write):
     try:
         import wandb
-        return wandb.init(project=project, name=run_name, config=run_config or {})
+        config = {k: (v if isinstance(v, (int, float, str, bool, list, type(None))) else str(v))
+                  for k, v in (run_config or {}).items() if k != "hub_token"}
+        if output_dir:
+            os.makedirs(output_dir, exist_ok=True)
+        return wandb.init(project=project, name=run_name, config=config, dir=output_dir or None)
     except Exception as exc:
         write(f"--report_to wandb: wandb could not start ({type(exc).__name__}: {exc}); "
               "continuing with metrics.jsonl only")

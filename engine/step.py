@@ -21,6 +21,9 @@ import torch.distributed as dist
 import warnings
 
 from engine import fastpath
+from engine.flops import train_flops
+from engine.guard import poison_nonfinite
+from engine.health import CodePerplexityProbe
 from engine.masking import compute_span_mask, sample_negatives
 from engine.models import conv_output_length
 
@@ -60,7 +63,11 @@ def _warn_once(message: str) -> None:
 
 
 class PretrainStep:
-    """Turns CPU batches into model inputs and the scaled loss. `module` is the bare HF model."""
+    """Turns CPU batches into model inputs and the scaled loss. `module` is the bare HF model.
+
+    Set `measure_codes` to also measure the code perplexity of the next forwards (a hook on the
+    quantizer, see engine/health.py); the trainer does it for the micro-steps of logged steps only.
+    """
 
     def __init__(self, module, spec: MaskingSpec, device: torch.device, *, world_size: int = 1,
                  generator: torch.Generator | None = None):
@@ -89,6 +96,8 @@ class PretrainStep:
             if self.attention == "varlen" and self.config.attention_dropout > 0:
                 _warn_once("--fast_attention varlen: flash varlen attention has no dropout, so training batches "
                            f"with padding use sdpa (attention_dropout={self.config.attention_dropout})")
+        self.measure_codes = False
+        self.probe = CodePerplexityProbe.of(module)
 
     def prepare(self, batch: dict) -> dict:
         """Device tensors for the model: inputs, attention mask, span mask and negatives.
@@ -118,6 +127,9 @@ class PretrainStep:
         if self.fast and padded and self.attention == "varlen" and attention_mask is None:
             host_frames = self.module._get_feat_extract_output_lengths(host_lengths)
             inputs["packing"] = fastpath.packing_for(host_frames, seq_len, self.device)
+        host_lengths_list = (host_lengths if self.fast and host_mask.device.type == "cpu" else host_mask.sum(-1)).tolist() \
+            if host_mask.device.type == "cpu" else None  # the CPU batch: no device sync
+        inputs["flops"] = train_flops(self.config, host_lengths_list, self.spec.num_negatives) if host_lengths_list else 0.0
         return inputs
 
     def global_sum(self, value: torch.Tensor) -> torch.Tensor:
@@ -127,7 +139,10 @@ class PretrainStep:
         return value
 
     def forward(self, model, inputs: dict) -> tuple[torch.Tensor, dict]:
-        """Forward through `model` (DeepSpeed engine or bare module); returns (loss to backprop, stats)."""
+        """Forward through `model` (DeepSpeed engine or bare module); returns (loss to backprop, stats).
+        A non-finite loss makes the gradients NaN (engine/guard.py), so the update is skipped."""
+        if self.measure_codes:
+            self.probe.arm(inputs["mask_time_indices"])
         if self.fast:
             fastpath.install(getattr(model, "module", model))
             # No padding: no frame lengths and no mask, so that sdpa can pick flash attention.
@@ -144,7 +159,7 @@ class PretrainStep:
                         sampled_negative_indices=inputs["sampled_negative_indices"])
         num_losses = inputs["mask_time_indices"].sum()
         num_losses_all = self.global_sum(num_losses.float()).clamp_min(1.0)
-        loss = out.loss * (self.world_size / num_losses_all)
+        loss = poison_nonfinite(out.loss * (self.world_size / num_losses_all), out.loss)
         stats = {
             "loss_sum": out.loss.detach().float(),
             "contrastive_sum": out.contrastive_loss.detach().float(),
@@ -156,7 +171,12 @@ class PretrainStep:
             "ppl": out.codevector_perplexity.detach().float(),
             "micro_batches": torch.ones((), device=num_losses.device),
             "samples": inputs["sample_lengths"].sum().float(),
+            "flops": float(inputs.get("flops", 0.0)),
         }
+        code_ppl = self.probe.take()
+        if code_ppl is not None:
+            stats["code_ppl"] = code_ppl.float()
+            stats["code_ppl_batches"] = torch.ones((), device=num_losses.device)
         return loss, stats
 
 
@@ -185,33 +205,48 @@ def _to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
 
 
 class StatsWindow:
-    """Sums per-micro-step statistics on the device between two logs (no host sync until `reduce`)."""
+    """Sums per-micro-step statistics on the device between two logs (no host sync until `reduce`).
+    Host numbers (the FLOP count) are summed on the host and joined to the device ones at `reduce`."""
 
     def __init__(self):
-        self.sums: dict[str, torch.Tensor] = {}
+        self.sums: dict[str, torch.Tensor | float] = {}
 
-    def add(self, stats: dict) -> None:
+    def add(self, stats: dict, keys=None) -> None:
+        """Add `stats` (only `keys` of them, when given)."""
         for k, v in stats.items():
-            self.sums[k] = self.sums[k] + v if k in self.sums else v.clone()
+            if keys is not None and k not in keys:
+                continue
+            self.sums[k] = self.sums[k] + v if k in self.sums else (v.clone() if torch.is_tensor(v) else v)
+
+    def merge(self, other: "StatsWindow", keys=None) -> None:
+        """Add `other`'s sums (only `keys`, when given) and empty it."""
+        self.add(other.sums, keys)
+        other.sums = {}
 
     def reduce(self, step: PretrainStep, prefix: str = "") -> dict[str, float]:
         """All-reduce over ranks, read once, and turn sums into per-masked-frame figures (as the seed)."""
         if not self.sums:
             return {}
         keys = sorted(self.sums)
-        packed = step.global_sum(torch.stack([self.sums[k] for k in keys]))
-        s = dict(zip(keys, packed.tolist()))
+        packed = torch.stack([torch.as_tensor(self.sums[k], dtype=torch.float32, device=step.device).float()
+                              for k in keys])
+        s = dict(zip(keys, step.global_sum(packed).tolist()))
         self.sums = {}
+        if "num_losses" not in s:  # every update of the window was skipped: throughput figures only
+            return {k: s[k] for k in ("samples", "flops") if k in s}
         n = max(s["num_losses"], 1.0)
+        code_ppl = s["code_ppl"] / s["code_ppl_batches"] if s.get("code_ppl_batches") else None
         return {
             f"{prefix}loss": s["loss_sum"] / n,
             f"{prefix}contrastive_loss": s["contrastive_sum"] / n,
             f"{prefix}diversity_loss": s["diversity_sum"] / n,
             f"{prefix}codevector_perplexity": s["ppl"] / s["micro_batches"],
+            f"{prefix}code_perplexity": code_ppl,
             f"{prefix}masked_frac": s["num_losses"] / max(s["frames"], 1.0),
             f"{prefix}padding_frac": 1.0 - s["frames"] / max(s["padded_frames"], 1.0),
             f"{prefix}num_losses": s["num_losses"],
             f"{prefix}samples": s["samples"],
+            f"{prefix}flops": s.get("flops", 0.0),
         }
 
 

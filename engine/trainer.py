@@ -8,7 +8,6 @@ import json
 import math
 import os
 import socket
-import time
 from dataclasses import dataclass
 from functools import partial
 
@@ -22,6 +21,7 @@ from engine.data import build_datasets, build_loader
 from engine.ds_config import build_ds_config, precision_of
 from engine.metrics import MetricsLogger
 from engine.models import build_model, count_parameters, load_config, load_feature_extractor
+from engine.monitor import TrainMonitor, stash_grad_norm
 from engine.step import MaskingSpec, PretrainStep, StatsWindow, gumbel_temperature
 
 
@@ -161,6 +161,7 @@ def evaluate(engine, step_fn: PretrainStep, args, eval_ds, d: Dist) -> dict:
     generator reseeded each time, so successive evaluations compare like with like."""
     gen = torch.Generator(device=d.device).manual_seed(args.seed + 10_000 + d.rank)
     eval_step = PretrainStep(step_fn.module, step_fn.spec, d.device, world_size=d.world_size, generator=gen)
+    eval_step.measure_codes = True
     window = StatsWindow()
     engine.eval()
     with torch.no_grad():
@@ -168,7 +169,9 @@ def evaluate(engine, step_fn: PretrainStep, args, eval_ds, d: Dist) -> dict:
             _, stats = eval_step.forward(engine, eval_step.prepare(batch))
             window.add(stats)
     engine.train()
-    return window.reduce(eval_step, prefix="val_")
+    result = window.reduce(eval_step, prefix="val_")
+    result.pop("val_flops", None)
+    return result
 
 
 def main(args) -> dict:
@@ -222,10 +225,11 @@ def main(args) -> dict:
     say("effective DeepSpeed config: " + json.dumps(ds_cfg))
 
     logger = MetricsLogger(args.output_dir, is_main=d.is_main, total_steps=max_steps, initial_step=completed,
-                           report_to=args.report_to, run_config=vars(args))
+                           report_to=args.report_to, run_config=vars(args), project=args.wandb_project,
+                           run_name=args.wandb_run_name)
     engine.module.set_gumbel_temperature(gumbel_temperature(args, max(completed - 1, 0)))
-    window, t_window = StatsWindow(), time.perf_counter()
     step_fn.sampling_rate = feature_extractor.sampling_rate
+    monitor = TrainMonitor(engine, step_fn, args, config, ds_cfg, logger, d, max_steps)
     result: dict = {}
 
     def save(epoch: int, batch_in_epoch: int) -> None:
@@ -245,22 +249,22 @@ def main(args) -> dict:
         for batch in loader_for(args, train_ds, d, epoch, train=True, start_batch=first):
             inputs = step_fn.prepare(batch)
             boundary = engine.is_gradient_accumulation_boundary()
+            step_fn.measure_codes = monitor.will_log(completed + 1)
             loss, stats = step_fn.forward(engine, inputs)
             engine.backward(loss)
             if boundary and needs_own_norm and (completed + 1) % args.logging_steps == 0:
                 stash_grad_norm(engine)
             engine.step()
-            window.add(stats)
+            monitor.micro_step(stats, batch)
             batch_in_epoch += 1
             if not boundary:
                 continue
+            monitor.after_step(completed + 1)
             engine.module.set_gumbel_temperature(gumbel_temperature(args, completed))  # seed: before increment
             completed += 1
             logger.advance()
-            if completed % args.logging_steps == 0 or completed == max_steps:
-                result = log_window(engine, step_fn, window, logger, args, d, completed, epoch,
-                                    time.perf_counter() - t_window)
-                t_window = time.perf_counter()
+            if monitor.will_log(completed):
+                result = monitor.log(completed, epoch)
             if args.eval_steps and eval_ds is not None and completed % args.eval_steps == 0:
                 logger.log(completed, evaluate(engine, step_fn, args, eval_ds, d), split="eval")
             if completed % args.saving_steps == 0 and completed < max_steps:
@@ -281,35 +285,6 @@ def main(args) -> dict:
     return result
 
 
-def log_window(engine, step_fn, window, logger, args, d, completed, epoch, elapsed) -> dict:
-    """Reduce the window's statistics over ranks, add lr/temperature/grad-norm/throughput, log them."""
-    result = window.reduce(step_fn)
-    audio_seconds = result.pop("samples") / step_fn.sampling_rate
-    result.update(lr=engine.get_lr()[0], temperature=gumbel_temperature(args, completed - 1),
-                  grad_norm=_grad_norm(engine), audio_s_per_s=audio_seconds / max(elapsed, 1e-9), epoch=epoch)
-    if d.device.type == "cuda":
-        result["gpu_mem_peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
-    logger.log(completed, result)
-    return result
-
-
 def _scheduler(optimizer, *, args, max_steps):
     return get_scheduler(args.lr_scheduler_type, optimizer=optimizer, num_warmup_steps=args.num_warmup_steps,
                          num_training_steps=max_steps)
-
-
-def _grad_norm(engine) -> float:
-    """The global gradient norm of the last update. DeepSpeed computes it for ZeRO 1-3 and for clipping;
-    for stage 0 without clipping it was stashed by `stash_grad_norm` before the step."""
-    norm = engine.get_global_grad_norm()
-    if norm is None:
-        norm = getattr(engine, "_w2v_grad_norm", None)
-    if norm is None:
-        return float("nan")
-    return float(norm.item() if torch.is_tensor(norm) else norm)
-
-
-def stash_grad_norm(engine) -> None:
-    """Stage 0 keeps whole gradients in .grad after the boundary backward: measure their norm there."""
-    grads = [p.grad for p in engine.module.parameters() if p.grad is not None]
-    engine._w2v_grad_norm = torch.nn.utils.get_total_norm(grads) if grads else None

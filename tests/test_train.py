@@ -70,6 +70,46 @@ def test_step_loss_equals_the_transformers_model_loss(corpus_dir):
     assert padding.any() and not inputs["mask_time_indices"][padding].any()
 
 
+def test_logged_losses_equal_the_transformers_model_losses(corpus_dir, tmp_path, monkeypatch):
+    """The JSONL of a 1-step run whose one batch is the whole corpus holds the loss, contrastive loss,
+    diversity loss and codevector perplexity that an unpatched transformers model computes from the same
+    initial weights, batch, masks, negatives, gumbel noise and temperature (fp32, train mode)."""
+    from transformers import Wav2Vec2ForPreTraining
+    from engine.models import load_config
+    from engine.step import PretrainStep
+
+    seen = {}
+    original_forward = PretrainStep.forward
+
+    def forward(self, model, inputs):  # capture what the trainer's step feeds the model
+        if not seen:
+            seen.update(inputs={k: v.clone() for k, v in inputs.items() if torch.is_tensor(v)},
+                        weights={k: v.clone() for k, v in self.module.state_dict().items()},
+                        rng=torch.get_rng_state(), temperature=self.module.quantizer.temperature)
+        return original_forward(self, model, inputs)
+
+    monkeypatch.setattr(PretrainStep, "forward", forward)
+    logs = run(corpus_dir, tmp_path, "--max_train_steps", "1", "--per_device_train_batch_size", "24",
+               "--zero_stage", "0", "--precision", "fp32")
+    assert len(logs) == 1 and seen["inputs"]["input_values"].shape[0] == 24
+
+    reference = Wav2Vec2ForPreTraining(load_config("demo")).train()  # transformers' own perplexity
+    reference.load_state_dict(seen["weights"])
+    reference.set_gumbel_temperature(seen["temperature"])
+    torch.set_rng_state(seen["rng"])  # the same gumbel noise
+    inputs = seen["inputs"]
+    with torch.no_grad():
+        ref = reference(input_values=inputs["input_values"], attention_mask=inputs["attention_mask"],
+                        mask_time_indices=inputs["mask_time_indices"],
+                        sampled_negative_indices=inputs["sampled_negative_indices"])
+    n = float(inputs["mask_time_indices"].sum())
+    assert logs[0]["num_losses"] == n
+    assert logs[0]["loss"] == pytest.approx(float(ref.loss) / n, rel=1e-5)
+    assert logs[0]["contrastive_loss"] == pytest.approx(float(ref.contrastive_loss) / n, rel=1e-5)
+    assert logs[0]["diversity_loss"] == pytest.approx(float(ref.diversity_loss) / n, rel=1e-5)
+    assert logs[0]["codevector_perplexity"] == pytest.approx(float(ref.codevector_perplexity), rel=1e-5)
+
+
 def test_resume_continues_from_the_last_checkpoint(corpus_dir, tmp_path):
     run(corpus_dir, tmp_path, "--max_train_steps", "4", "--saving_steps", "2")
     assert (tmp_path / "checkpoints" / "latest").read_text().strip() == "step_4"
