@@ -8,11 +8,17 @@ Every flag of HF's run_wav2vec2_pretraining_no_trainer.py works the same way; `-
 """
 import sys
 
+import torch
+
 from engine.args import ArgError, parse_args
+from engine.checkpoint import CheckpointError
 from engine.data import DataError
 from engine.models import ModelError
 
-USER_ERRORS = (ArgError, DataError, ModelError)
+USER_ERRORS = (ArgError, DataError, ModelError, CheckpointError)
+OOM_HINT = ("out of GPU memory: lower --per_device_train_batch_size (raise --gradient_accumulation_steps to keep "
+            "the batch), --max_duration_in_seconds or --max_batch_seconds, or add --gradient_checkpointing, "
+            "a higher --zero_stage or --offload")
 
 
 def main(argv=None) -> int:
@@ -22,6 +28,10 @@ def main(argv=None) -> int:
         train(args)
     except USER_ERRORS as exc:  # bad flags, data or model: the message names the flag or file
         print(f"pretrain.py: error: {exc}", file=sys.stderr)
+        return 2
+    except torch.OutOfMemoryError as exc:  # CUDA OOM: say which flags lower the memory
+        print(f"pretrain.py: error: {OOM_HINT} ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})",
+              file=sys.stderr)
         return 2
     return 0
 

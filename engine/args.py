@@ -95,6 +95,9 @@ def build_parser() -> argparse.ArgumentParser:
       help="Also log to this tracker (metrics always go to output_dir/metrics.jsonl).")
     o("--resume", nargs="?", const="latest", default=None, metavar="CHECKPOINT",
       help="Resume from output_dir's latest checkpoint, or from the given checkpoint directory.")
+    o("--init_from", type=str, default=None, metavar="DIR",
+      help="Start a new run from the weights of an exported model (python -m engine.export), e.g. to change "
+           "the ZeRO stage, world size or precision of a run; optimizer state and schedules start afresh.")
     o("--zero_stage", type=int, default=None, choices=ZERO_STAGES,
       help="ZeRO stage; picks ds_configs/zero<N>.json (default 2 unless --deepspeed FILE is given).")
     o("--offload", type=str, default=None, choices=OFFLOADS,
@@ -171,6 +174,9 @@ def validate_args(args) -> None:
         raise ArgError("--push_to_hub needs --output_dir")
     if args.resume not in (None, "latest") and not os.path.isdir(args.resume):
         raise ArgError(f"--resume: {args.resume!r} is not a checkpoint directory")
+    if args.init_from is not None and not os.path.isfile(os.path.join(args.init_from, "config.json")):
+        raise ArgError(f"--init_from {args.init_from!r} is not a model directory (no config.json); "
+                       "export one with `python -m engine.export CHECKPOINT DIR`")
     if args.output_dir and os.path.isfile(args.output_dir):
         raise ArgError(f"--output_dir {args.output_dir!r} is a file")
 
