@@ -112,15 +112,15 @@ def find_checkpoint(resume: str, output_dir: str, flag: str = "--resume") -> tup
         tag = latest_checkpoint(root)
         return (root, tag) if tag else None
     path = os.path.abspath(resume.rstrip("/"))
+    if os.path.basename(path).startswith(TMP_PREFIX):
+        raise CheckpointError(f"{flag} {resume!r} is an unfinished checkpoint (its save was interrupted); "
+                              "resume from a step_N directory or pass --resume alone")
     if is_complete(path):
         return os.path.dirname(path), os.path.basename(path)
     for root in (path, checkpoint_root(path)):
         tag = latest_checkpoint(root)
         if tag:
             return root, tag
-    if os.path.basename(path).startswith(TMP_PREFIX):
-        raise CheckpointError(f"{flag} {resume!r} is an unfinished checkpoint (its save was interrupted); "
-                              "resume from a step_N directory or pass --resume alone")
     raise CheckpointError(f"{flag} {resume!r} holds no complete checkpoint (no {META_FILE}); pass a "
                           "checkpoints/step_N directory or a run's output_dir")
 

@@ -78,9 +78,9 @@ def check_resume(saved: dict, now: dict, ckpt_path: str) -> list[str]:
         problems.append(f"ZeRO stage (--zero_stage/--deepspeed): {saved['zero_stage']} -> {now['zero_stage']}; "
                         "DeepSpeed checkpoints of different stages are laid out differently")
     if saved["offload"] != now["offload"]:
-        problems.append(f"--offload: {saved['offload']} -> {now['offload']}")
+        problems.append(f"--offload: {_fmt(saved['offload'])} -> {_fmt(now['offload'])}")
     if saved["precision"] != now["precision"]:
-        problems.append(f"--precision: {saved['precision']} -> {now['precision']}")
+        problems.append(f"--precision: {_fmt(saved['precision'])} -> {_fmt(now['precision'])}")
     if saved["world_size"] != now["world_size"]:
         if now["zero_stage"] > 0:
             problems.append(f"world size: {saved['world_size']} -> {now['world_size']} ranks; ZeRO-{now['zero_stage']} "
