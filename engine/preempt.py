@@ -2,7 +2,9 @@
 
 First signal: remember it; the trainer finishes the optimizer step in progress, all ranks agree to stop
 at the same step (`should_stop` all-reduces the flag), save a checkpoint and exit 0 with a message.
-Second signal: exit at once (status 128 + signal number).
+Second signal: exit at once (status 128 + signal number). A repeat within `REPEAT_WINDOW_S` of the first
+is taken for the same request: launchers forward the signal they get (deepspeed's launch.py sends SIGTERM
+to ranks that SLURM or Ctrl-C signalled a millisecond before), and that must not cancel the save.
 
 Launchers (deepspeed, SLURM, Ctrl-C to the process group) signal the data loader's worker processes
 too; a worker killed that way would make PyTorch raise in the training process in the middle of the
@@ -15,11 +17,13 @@ import os
 import signal
 import sys
 import threading
+import time
 
 import torch
 import torch.distributed as dist
 
 SIGNALS = (signal.SIGTERM, signal.SIGINT)
+REPEAT_WINDOW_S = 2.0
 _block_in_children = False
 
 
@@ -36,6 +40,7 @@ class StopRequest:
 
     def __init__(self, world_size: int = 1):
         self.signum: int | None = None
+        self._first_at = 0.0
         self.world_size = world_size
         self._previous: dict = {}
         self._pid = os.getpid()
@@ -48,11 +53,13 @@ class StopRequest:
         if os.getpid() != self._pid:  # a forked child that inherited the handler: not ours to act on
             return
         name = signal.Signals(signum).name
+        if self.signum is not None and time.monotonic() - self._first_at < REPEAT_WINDOW_S:
+            return  # the same request, forwarded by a launcher
         if self.signum is not None:
             print(f"\n{name} again: exiting now without saving (the last checkpoint is kept)",
                   file=sys.stderr, flush=True)
             os._exit(128 + signum)
-        self.signum = signum
+        self.signum, self._first_at = signum, time.monotonic()
         print(f"\n{name} received: finishing the current step, then saving a checkpoint and stopping "
               f"(send it again to exit at once)", file=sys.stderr, flush=True)
 

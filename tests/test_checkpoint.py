@@ -251,8 +251,8 @@ def test_bf16_export_holds_the_fp32_master_weights(corpus_dir, tmp_path, stage):
 
 # --------------------------------------------------------------------------------------------- signals
 SIGNAL_SCRIPT = r"""
-import os, signal, sys
-from engine.preempt import StopRequest
+import os, signal, sys, time
+from engine.preempt import REPEAT_WINDOW_S, StopRequest
 with StopRequest() as stop:
     pid = os.fork()
     if pid == 0:  # a DataLoader worker would be forked like this: it must not die of the launcher's SIGTERM
@@ -261,6 +261,9 @@ with StopRequest() as stop:
     os.kill(os.getpid(), signal.SIGINT)
     assert stop.requested and stop.should_stop(), "first signal did not set the flag"
     print("first signal: flag set", flush=True)
+    os.kill(os.getpid(), signal.SIGTERM)  # a launcher forwarding the request: the same request
+    print("a repeat within the window is ignored", flush=True)
+    time.sleep(REPEAT_WINDOW_S + 0.1)
     os.kill(os.getpid(), signal.SIGTERM)
     print("still alive after the second signal", flush=True)
 """
@@ -270,5 +273,6 @@ def test_second_signal_exits_at_once_and_children_ignore_signals():
     proc = subprocess.run([sys.executable, "-c", SIGNAL_SCRIPT], cwd=ROOT, capture_output=True, text=True,
                           timeout=120, env=dict(os.environ, PYTHONPATH=str(ROOT)))
     assert proc.returncode == 128 + 15, proc.stdout + proc.stderr
-    assert "first signal: flag set" in proc.stdout and "still alive" not in proc.stdout
+    assert "first signal: flag set" in proc.stdout and "a repeat within the window is ignored" in proc.stdout
+    assert "still alive" not in proc.stdout
     assert "SIGINT received" in proc.stderr and "SIGTERM again: exiting now" in proc.stderr

@@ -133,3 +133,42 @@ def test_crash_inside_a_save_leaves_the_previous_checkpoint_usable(corpus_dir, t
     assert (root / "latest").read_text() == f"step_{STEPS}"
     # saving every 2 steps instead of every step changes nothing: a save consumes no randomness
     assert losses(tmp_path) == reference
+
+
+def _group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+        return True
+    except ProcessLookupError:
+        return False
+
+
+def test_sigterm_to_a_two_rank_launcher_job_saves_and_resumes(corpus_dir, tmp_path):
+    """SLURM-style preemption: SIGTERM to every process of the job (deepspeed runner, launch.py, both ranks,
+    their DataLoader workers); launch.py forwards it again. Both ranks stop after the same step and save."""
+    from conftest import free_port
+    log = tmp_path / "log.txt"
+
+    def cmd():
+        return ["deepspeed", "--num_accelerators", "2", "--master_port", str(free_port()), *flags(
+            corpus_dir, tmp_path, "--saving_steps", "100", "--dataloader_num_workers", "1")[1:]]
+
+    fh = open(log, "a")
+    proc = subprocess.Popen(cmd(), cwd=ROOT, env=ENV, stdout=fh, stderr=subprocess.STDOUT, start_new_session=True)
+    wait_for_step(proc, tmp_path, 2, timeout=300)
+    os.killpg(proc.pid, signal.SIGTERM)
+    proc.wait(timeout=120)  # deepspeed's runner dies at once; launch.py and the ranks go on to save
+    t0 = time.time()
+    while _group_alive(proc.pid) and time.time() - t0 < 120:
+        time.sleep(0.2)
+    assert not _group_alive(proc.pid)
+    text = log.read_text()
+    assert text.count("SIGTERM received") == 2 and "exiting now" not in text, text[-3000:]
+    stopped_at = max(losses(tmp_path))
+    assert f"stopped by SIGTERM after step {stopped_at}" in text
+    assert (tmp_path / "checkpoints" / "latest").read_text() == f"step_{stopped_at}"
+
+    proc = subprocess.Popen(cmd() + ["--resume"], cwd=ROOT, env=ENV, stdout=fh, stderr=subprocess.STDOUT)
+    assert finish(proc, timeout=300) == 0, log.read_text()[-3000:]
+    assert f"resumed from {tmp_path / 'checkpoints' / f'step_{stopped_at}'} at step {stopped_at}" in log.read_text()
+    assert sorted(losses(tmp_path)) == list(range(1, STEPS + 1))
