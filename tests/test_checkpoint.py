@@ -38,16 +38,36 @@ def finished(corpus_dir, tmp_path_factory):
 
 
 # ------------------------------------------------------------------------------------------- exactness
-@pytest.mark.parametrize("stage,precision", [(0, "fp32"), (3, "fp32"), (1, "bf16")])
-def test_resume_from_a_middle_checkpoint_continues_exactly(corpus_dir, tmp_path, stage, precision):
-    """(The subprocess tests of test_resume.py cross an epoch boundary; these stay in epoch 0 to be quick.)"""
-    common = ("--max_train_steps", "4", "--zero_stage", str(stage), "--precision", precision)
+# ZeRO 0 runs with accumulation 2 and a validation split: 20 training utterances = 5 micro-batches per epoch,
+# so step 3 accumulates the last micro-batch of epoch 0 and the first of epoch 1, after epoch 0's validation.
+@pytest.mark.parametrize("stage,precision,extra", [
+    (0, "fp32", ("--gradient_accumulation_steps", "2", "--validation_split_percentage", "20")),
+    (3, "fp32", ()), (1, "bf16", ())], ids=["zero0-accum-eval", "zero3", "zero1-bf16"])
+def test_resume_from_a_middle_checkpoint_continues_exactly(corpus_dir, tmp_path, stage, precision, extra):
+    common = ("--max_train_steps", "4", "--zero_stage", str(stage), "--precision", precision, *extra)
     first = run(corpus_dir, tmp_path / "a", *common, "--saving_steps", "1", "--keep_last_checkpoints", "0")
     again = run(corpus_dir, tmp_path / "b", *common, "--resume", str(tmp_path / "a" / "checkpoints" / "step_2"))
     assert sorted(again) == [3, 4]
     for step in again:
         for key in ("loss", "contrastive_loss", "diversity_loss", "lr", "grad_norm", "temperature", "num_losses"):
             assert again[step][key] == first[step][key], (step, key)
+    if extra:
+        evals = [[r for r in read_metrics(str(tmp_path / d)) if r["split"] == "eval"] for d in "ab"]
+        assert evals[1] and evals[1][-1]["val_loss"] == evals[0][-1]["val_loss"]
+
+
+def test_init_from_an_export_copies_its_weights(finished, tmp_path):
+    from engine.models import ModelError, build_model, load_config
+    from engine.export import init_weights_from
+    export_pretrained(str(finished / "checkpoints" / "step_3"), str(tmp_path / "hf"))
+    model = build_model(load_config(str(tmp_path / "hf")))
+    init_weights_from(model, str(tmp_path / "hf"))
+    state = consolidate(str(finished / "checkpoints" / "step_3"))
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in state.items())
+    other = load_config("demo")
+    other.hidden_size = 32
+    with pytest.raises(ModelError, match="--init_from .* do not fit"):
+        init_weights_from(build_model(other), str(tmp_path / "hf"))
 
 
 # ---------------------------------------------------------------------------------------------- layout
