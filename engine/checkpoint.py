@@ -140,10 +140,10 @@ def save_checkpoint(engine, output_dir: str, step: int, client_state: dict, *, m
         for name in os.listdir(root):  # leftovers of interrupted saves
             if name.startswith(TMP_PREFIX):
                 shutil.rmtree(os.path.join(root, name), ignore_errors=True)
-    _barrier()
+    barrier()
     engine.save_checkpoint(root, tag=tmp_tag, client_state=client_state, save_latest=False)
     _fsync_tree(tmp)
-    _barrier()
+    barrier()
     if _rank() == 0:
         if write_extra is not None:
             write_extra(tmp)
@@ -162,7 +162,7 @@ def save_checkpoint(engine, output_dir: str, step: int, client_state: dict, *, m
         _write_atomic(os.path.join(root, "latest"), tag)
         _fsync_dir(root)
         prune(root, keep_last, newest=step)
-    _barrier()
+    barrier()
     return final
 
 
@@ -229,6 +229,6 @@ def _rank() -> int:
     return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
 
 
-def _barrier() -> None:
+def barrier() -> None:
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
         dist.barrier()

@@ -18,7 +18,9 @@ of its latest checkpoint.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import glob
+import io
 import os
 import shutil
 import sys
@@ -34,7 +36,8 @@ def consolidate(ckpt_dir: str) -> dict[str, torch.Tensor]:
     """The full model's fp32 state dict (CPU) from one checkpoint directory, on any machine, any world size."""
     if glob.glob(os.path.join(ckpt_dir, "*_optim_states.pt")):
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-        state = get_fp32_state_dict_from_zero_checkpoint(os.path.dirname(ckpt_dir), tag=os.path.basename(ckpt_dir))
+        with contextlib.redirect_stdout(io.StringIO()):  # its progress prints, at every save
+            state = get_fp32_state_dict_from_zero_checkpoint(os.path.dirname(ckpt_dir), tag=os.path.basename(ckpt_dir))
     else:
         state = _stage0_state(ckpt_dir)
     # zero_to_fp32 returns views into flat buffers: give every tensor its own storage for safetensors.

@@ -253,7 +253,7 @@ def main(args) -> dict:
                                     keep_last=args.keep_last_checkpoints, write_extra=write_extra)
         if d.is_main:
             export_pretrained(path, args.output_dir)
-        ckpt._barrier()
+        ckpt.barrier()
         ckpt.set_rng_state(current, gen)
         return path
 
