@@ -21,6 +21,7 @@ the rename.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
@@ -59,6 +60,17 @@ def set_rng_state(state: dict, generator: torch.Generator | None = None) -> None
         torch.cuda.set_rng_state(state["cuda"])
     if generator is not None and "masking" in state:
         generator.set_state(state["masking"])
+
+
+@contextlib.contextmanager
+def rng_preserved(generator: torch.Generator | None = None):
+    """Run a block (evaluation, a save) without moving any RNG the training consumes: the trajectory then
+    does not depend on --eval_steps, the validation set or --saving_steps."""
+    state = rng_state(generator)
+    try:
+        yield
+    finally:
+        set_rng_state(state, generator)
 
 
 # -------------------------------------------------------------------------------------------- layout

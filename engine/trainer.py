@@ -236,9 +236,8 @@ def main(args) -> dict:
 
     def save(epoch: int, batch_in_epoch: int) -> str:
         """All ranks: checkpoint the state after `completed` steps, then export the fp32 HF model. RNG-neutral."""
-        current = ckpt.rng_state(gen)
         rngs, epoch_rngs = [None] * d.world_size, [None] * d.world_size
-        dist.all_gather_object(rngs, current)
+        dist.all_gather_object(rngs, ckpt.rng_state(gen))
         dist.all_gather_object(epoch_rngs, epoch_rng)
         client = {"completed_steps": completed, "epoch": epoch, "batch_in_epoch": batch_in_epoch,
                   "rng": rngs, "rng_epoch_start": epoch_rngs,
@@ -249,12 +248,12 @@ def main(args) -> dict:
             config.save_pretrained(path)
             feature_extractor.save_pretrained(path)
 
-        path = ckpt.save_checkpoint(engine, args.output_dir, completed, client, meta=meta,
-                                    keep_last=args.keep_last_checkpoints, write_extra=write_extra)
-        if d.is_main:
-            export_pretrained(path, args.output_dir)
-        ckpt.barrier()
-        ckpt.set_rng_state(current, gen)
+        with ckpt.rng_preserved(gen):
+            path = ckpt.save_checkpoint(engine, args.output_dir, completed, client, meta=meta,
+                                        keep_last=args.keep_last_checkpoints, write_extra=write_extra)
+            if d.is_main:
+                export_pretrained(path, args.output_dir)
+            ckpt.barrier()
         return path
 
     needs_own_norm = engine.zero_optimization_stage() == 0 and not ds_cfg.get("gradient_clipping")
@@ -297,7 +296,9 @@ def main(args) -> dict:
                                         time.perf_counter() - t_window)
                     t_window = time.perf_counter()
                 if args.eval_steps and eval_ds is not None and completed % args.eval_steps == 0:
-                    logger.log(completed, evaluate(engine, step_fn, args, eval_ds, d), split="eval")
+                    with ckpt.rng_preserved():  # the eval loader draws a seed from torch's RNG
+                        val = evaluate(engine, step_fn, args, eval_ds, d)
+                    logger.log(completed, val, split="eval")
                 path = None
                 if completed % args.saving_steps == 0 and completed < max_steps:
                     path = save(epoch, batch_in_epoch)
@@ -313,7 +314,8 @@ def main(args) -> dict:
             if stopped:
                 break
             if eval_ds is not None and not args.eval_steps:  # the seed validates after every epoch
-                val = evaluate(engine, step_fn, args, eval_ds, d)
+                with ckpt.rng_preserved():
+                    val = evaluate(engine, step_fn, args, eval_ds, d)
                 result.update(val)
                 logger.log(completed, val, split="eval")
             if completed >= max_steps:

@@ -40,20 +40,23 @@ def finished(corpus_dir, tmp_path_factory):
 # ------------------------------------------------------------------------------------------- exactness
 # ZeRO 0 runs with accumulation 2 and a validation split: 20 training utterances = 5 micro-batches per epoch,
 # so step 3 accumulates the last micro-batch of epoch 0 and the first of epoch 1, after epoch 0's validation.
+# The resumed run validates after every step instead (--eval_steps 1): evaluation must not move the RNG.
 @pytest.mark.parametrize("stage,precision,extra", [
     (0, "fp32", ("--gradient_accumulation_steps", "2", "--validation_split_percentage", "20")),
     (3, "fp32", ()), (1, "bf16", ())], ids=["zero0-accum-eval", "zero3", "zero1-bf16"])
 def test_resume_from_a_middle_checkpoint_continues_exactly(corpus_dir, tmp_path, stage, precision, extra):
     common = ("--max_train_steps", "4", "--zero_stage", str(stage), "--precision", precision, *extra)
     first = run(corpus_dir, tmp_path / "a", *common, "--saving_steps", "1", "--keep_last_checkpoints", "0")
-    again = run(corpus_dir, tmp_path / "b", *common, "--resume", str(tmp_path / "a" / "checkpoints" / "step_2"))
+    again = run(corpus_dir, tmp_path / "b", *common, *(("--eval_steps", "1") if extra else ()),
+                "--resume", str(tmp_path / "a" / "checkpoints" / "step_2"))
     assert sorted(again) == [3, 4]
     for step in again:
         for key in ("loss", "contrastive_loss", "diversity_loss", "lr", "grad_norm", "temperature", "num_losses"):
             assert again[step][key] == first[step][key], (step, key)
     if extra:
         evals = [[r for r in read_metrics(str(tmp_path / d)) if r["split"] == "eval"] for d in "ab"]
-        assert evals[1] and evals[1][-1]["val_loss"] == evals[0][-1]["val_loss"]
+        assert [r["step"] for r in evals[1]] == [3, 4]
+        assert evals[1][-1]["val_loss"] == evals[0][-1]["val_loss"]  # both validate the weights after step 4
 
 
 def test_init_from_an_export_copies_its_weights(finished, tmp_path):
