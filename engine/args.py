@@ -94,7 +94,9 @@ def build_parser() -> argparse.ArgumentParser:
     o("--report_to", type=str, default="none", choices=["none", "wandb"],
       help="Also log to this tracker (metrics always go to output_dir/metrics.jsonl).")
     o("--resume", nargs="?", const="latest", default=None, metavar="CHECKPOINT",
-      help="Resume from output_dir's latest checkpoint, or from the given checkpoint directory.")
+      help="Resume from output_dir's latest complete checkpoint, or from CHECKPOINT (a checkpoints/step_N "
+           "directory, a checkpoints folder or another run's output_dir). Flags that shape the run must match "
+           "the checkpoint's (refused otherwise, with the list of differences).")
     o("--init_from", type=str, default=None, metavar="DIR",
       help="Start a new run from the weights of an exported model (python -m engine.export), e.g. to change "
            "the ZeRO stage, world size or precision of a run; optimizer state and schedules start afresh.")
@@ -108,7 +110,7 @@ def build_parser() -> argparse.ArgumentParser:
       help="Clip the global gradient norm to this (0 = no clipping, as in the HF example).")
     o("--eval_steps", type=int, default=None,
       help="Optimizer steps between evaluations (default: at the end of each epoch, as the HF example).")
-    o("--keep_last_checkpoints", type=int, default=2, help="DeepSpeed checkpoints kept in output_dir/checkpoints.")
+    o("--keep_last_checkpoints", type=int, default=2, help="DeepSpeed checkpoints kept in output_dir/checkpoints (0 = all).")
     o("--attn_implementation", type=str, default=None, choices=["eager", "sdpa"],
       help="Attention kernel of the transformers model (default: transformers' choice).")
     data_module.add_data_args(p)

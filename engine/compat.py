@@ -106,9 +106,15 @@ def check_resume(saved: dict, now: dict, ckpt_path: str) -> list[str]:
 
 
 def check_batch_fits(args, num_train: int, world_size: int) -> None:
-    """Refuse a batch that the training set cannot fill: one optimizer step must fit in one epoch."""
-    if getattr(args, "max_batch_seconds", None):
-        return  # batches are formed by an audio budget; the data module checks that an utterance fits it
+    """Refuse a batch that cannot be formed: one longer than the --max_batch_seconds memory budget, or more
+    utterances per optimizer step than the training set holds."""
+    budget = getattr(args, "max_batch_seconds", None)
+    if budget:
+        if args.max_duration_in_seconds > budget:
+            raise ArgError(f"--max_duration_in_seconds {args.max_duration_in_seconds:g} is longer than the batch "
+                           f"budget --max_batch_seconds {budget:g}: a longest utterance alone would exceed it; "
+                           "raise --max_batch_seconds or lower --max_duration_in_seconds")
+        return  # batch sizes follow the budget
     micro, gas = args.per_device_train_batch_size, args.gradient_accumulation_steps
     need = micro * gas * world_size
     if need > num_train:

@@ -48,7 +48,7 @@ def _stage0_state(ckpt_dir: str) -> dict[str, torch.Tensor]:
     path = os.path.join(ckpt_dir, MODEL_STATES)
     if not os.path.isfile(path):
         raise ckpt.CheckpointError(f"{ckpt_dir} is not a DeepSpeed checkpoint (no {MODEL_STATES} nor optimizer states)")
-    sd = torch.load(path, map_location="cpu", weights_only=False)
+    sd = torch.load(path, map_location="cpu", weights_only=False, mmap=True)  # Adam moments stay on disk
     module = dict(sd["module"])
     optim = sd.get("optimizer") or {}
     groups = optim.get("fp32_groups") if isinstance(optim, dict) else None

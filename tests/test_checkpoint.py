@@ -166,6 +166,9 @@ def test_batch_that_the_data_cannot_fill_is_refused(corpus_dir, tmp_path, no_mod
     with pytest.raises(ArgError, match=r"--per_device_train_batch_size 13 x --gradient_accumulation_steps 2 x 1 "
                                        r"rank\(s\) = 26 utterances, but the training set has 24"):
         run(corpus_dir, tmp_path, "--per_device_train_batch_size", "13", "--gradient_accumulation_steps", "2")
+    with pytest.raises(ArgError, match="--max_duration_in_seconds 3 is longer than the batch budget "
+                                       "--max_batch_seconds 2.5"):
+        run(corpus_dir, tmp_path, "--max_batch_seconds", "2.5")
 
 
 def test_bad_deepspeed_and_precision_flags_are_refused(tmp_path, monkeypatch, capsys):
