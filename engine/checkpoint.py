@@ -24,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import pickle
 import random
 import shutil
 
@@ -184,17 +185,33 @@ def prune(root: str, keep_last: int, newest: int) -> None:
     if keep_last <= 0:
         return
     tags = [t for t in complete_checkpoints(root) if step_of(t) <= newest]
-    for old in tags[:-keep_last]:
-        shutil.rmtree(os.path.join(root, old), ignore_errors=True)
+    for old in tags[:-keep_last]:  # renamed out of sight first: a kill mid-delete leaves no half checkpoint
+        doomed = os.path.join(root, f"{TMP_PREFIX}prune-{old}")
+        os.replace(os.path.join(root, old), doomed)
+        shutil.rmtree(doomed, ignore_errors=True)
+
+
+CLIENT_KEYS = ("completed_steps", "epoch", "batch_in_epoch", "rng", "rng_epoch_start", "gumbel_temperature")
 
 
 def load_checkpoint(engine, load_dir: str, tag: str) -> dict:
-    """Load model, optimizer, lr scheduler and DeepSpeed counters; returns our client state."""
-    path, client_state = engine.load_checkpoint(load_dir, tag=tag, load_module_strict=True,
-                                                load_optimizer_states=True, load_lr_scheduler_states=True)
+    """Load model, optimizer, lr scheduler and DeepSpeed counters; returns our client state.
+    A damaged checkpoint (truncated file, bad disk) is reported as a CheckpointError naming the others."""
+    where = os.path.join(load_dir, tag)
+    try:
+        path, client_state = engine.load_checkpoint(load_dir, tag=tag, load_module_strict=True,
+                                                    load_optimizer_states=True, load_lr_scheduler_states=True)
+    except (RuntimeError, EOFError, OSError, KeyError, ValueError, pickle.UnpicklingError) as exc:
+        others = [t for t in complete_checkpoints(load_dir) if t != tag]
+        raise CheckpointError(f"--resume: cannot load {where} ({type(exc).__name__}: {str(exc).splitlines()[0][:300]}); "
+                              + (f"resume from an earlier one: --resume {os.path.join(load_dir, others[-1])}"
+                                 if others else "no other checkpoint to fall back on")) from exc
     if path is None:
-        raise CheckpointError(f"--resume: no loadable DeepSpeed checkpoint at {os.path.join(load_dir, tag)}")
-    return client_state or {}
+        raise CheckpointError(f"--resume: no loadable DeepSpeed checkpoint at {where}")
+    missing = [k for k in CLIENT_KEYS if k not in (client_state or {})]
+    if missing:
+        raise CheckpointError(f"--resume: {where} lacks the resume state {missing} (written by another version?)")
+    return client_state
 
 
 # ------------------------------------------------------------------------------------------- helpers

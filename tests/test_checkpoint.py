@@ -171,6 +171,14 @@ def test_batch_that_the_data_cannot_fill_is_refused(corpus_dir, tmp_path, no_mod
         run(corpus_dir, tmp_path, "--max_batch_seconds", "2.5")
 
 
+def test_damaged_checkpoint_is_reported_with_the_one_to_use_instead(corpus_dir, tmp_path, finished):
+    shutil.copytree(finished / "checkpoints", tmp_path / "checkpoints")
+    optim = tmp_path / "checkpoints" / "step_3" / "zero_pp_rank_0_mp_rank_00_optim_states.pt"
+    optim.write_bytes(optim.read_bytes()[:1000])  # a bad disk: rename-based saves never leave this
+    with pytest.raises(ckpt.CheckpointError, match=r"--resume: cannot load .*step_3 .*--resume .*step_2"):
+        run(corpus_dir, tmp_path, "--max_train_steps", "3", "--saving_steps", "1", "--resume")
+
+
 def test_bad_deepspeed_and_precision_flags_are_refused(tmp_path, monkeypatch, capsys):
     from engine.ds_config import build_ds_config, resolve_precision
     base = ["--model_name_or_path", "demo", "--train_dir", ".", "--output_dir", str(tmp_path / "o")]

@@ -105,7 +105,6 @@ def test_sigkill_and_sigterm_at_random_steps_then_resume_give_the_same_losses(co
     assert (tmp_path / "checkpoints" / "latest").read_text() == f"step_{stopped_at}"
 
     proc = start(cmd + ["--resume"], log)
-    assert f"resumed from" in log.read_text() or True
     wait_for_step(proc, tmp_path, kill2)
     proc.send_signal(signal.SIGKILL)
     finish(proc)
