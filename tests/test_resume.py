@@ -150,7 +150,7 @@ def test_sigterm_to_a_two_rank_launcher_job_saves_and_resumes(corpus_dir, tmp_pa
 
     def cmd():
         return ["deepspeed", "--num_accelerators", "2", "--master_port", str(free_port()), *flags(
-            corpus_dir, tmp_path, "--saving_steps", "100", "--dataloader_num_workers", "1")[1:]]
+            corpus_dir, tmp_path, "--saving_steps", "100", "--dataloader_num_workers", "1", "--max_train_steps", "4")[1:]]
 
     fh = open(log, "a")
     proc = subprocess.Popen(cmd(), cwd=ROOT, env=ENV, stdout=fh, stderr=subprocess.STDOUT, start_new_session=True)
@@ -164,10 +164,10 @@ def test_sigterm_to_a_two_rank_launcher_job_saves_and_resumes(corpus_dir, tmp_pa
     text = log.read_text()
     assert text.count("SIGTERM received") == 2 and "exiting now" not in text, text[-3000:]
     stopped_at = max(losses(tmp_path))
-    assert f"stopped by SIGTERM after step {stopped_at}" in text
+    assert stopped_at < 4 and f"stopped by SIGTERM after step {stopped_at}" in text
     assert (tmp_path / "checkpoints" / "latest").read_text() == f"step_{stopped_at}"
 
     proc = subprocess.Popen(cmd() + ["--resume"], cwd=ROOT, env=ENV, stdout=fh, stderr=subprocess.STDOUT)
     assert finish(proc, timeout=300) == 0, log.read_text()[-3000:]
     assert f"resumed from {tmp_path / 'checkpoints' / f'step_{stopped_at}'} at step {stopped_at}" in log.read_text()
-    assert sorted(losses(tmp_path)) == list(range(1, STEPS + 1))
+    assert sorted(losses(tmp_path)) == [1, 2, 3, 4]
