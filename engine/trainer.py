@@ -234,7 +234,7 @@ def main(args) -> dict:
     result: dict = {}
     epoch_rng = ckpt.rng_state()
 
-    def save(epoch: int, batch_in_epoch: int) -> str:
+    def save(epoch: int, batch_in_epoch: int, export: bool = True) -> str:
         """All ranks: checkpoint the state after `completed` steps, then export the fp32 HF model. RNG-neutral."""
         rngs, epoch_rngs = [None] * d.world_size, [None] * d.world_size
         dist.all_gather_object(rngs, ckpt.rng_state(gen))
@@ -251,7 +251,7 @@ def main(args) -> dict:
         with ckpt.rng_preserved(gen):
             path = ckpt.save_checkpoint(engine, args.output_dir, completed, client, meta=meta,
                                         keep_last=args.keep_last_checkpoints, write_extra=write_extra)
-            if d.is_main:
+            if d.is_main and export:
                 export_pretrained(path, args.output_dir)
             ckpt.barrier()
         return path
@@ -303,7 +303,7 @@ def main(args) -> dict:
                 if completed % args.saving_steps == 0 and completed < max_steps:
                     path = save(epoch, batch_in_epoch)
                 if completed < max_steps and stop.should_stop():
-                    path = path or save(epoch, batch_in_epoch)
+                    path = path or save(epoch, batch_in_epoch, export=False)  # launchers kill ~30 s later
                     say(f"stopped by {stop.name} after step {completed}; checkpoint {path}. "
                         "Continue with the same command and --resume")
                     stopped = True
