@@ -12,13 +12,19 @@ Exit codes: 0 done, 2 bad flags/data/model, 3 stopped by a health check (NaN gua
 """
 import sys
 
+import torch
+
 from engine.args import ArgError, parse_args
+from engine.checkpoint import CheckpointError
 from engine.data import DataError
 from engine.guard import TrainingStopped
 from engine.models import ModelError
 from engine.planner import PlanError
 
-USER_ERRORS = (ArgError, DataError, ModelError, PlanError)
+USER_ERRORS = (ArgError, DataError, ModelError, PlanError, CheckpointError)
+OOM_HINT = ("out of GPU memory: lower --per_device_train_batch_size (raise --gradient_accumulation_steps to keep "
+            "the batch), --max_duration_in_seconds or --max_batch_seconds, or add --gradient_checkpointing, "
+            "a higher --zero_stage or --offload")
 
 
 def main(argv=None) -> int:
@@ -36,6 +42,10 @@ def main(argv=None) -> int:
     except TrainingStopped as exc:  # the run diverged or collapsed; metrics.jsonl says where
         print(f"pretrain.py: stopped: {exc}", file=sys.stderr)
         return 3
+    except torch.OutOfMemoryError as exc:  # CUDA OOM: say which flags lower the memory
+        print(f"pretrain.py: error: {OOM_HINT} ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})",
+              file=sys.stderr)
+        return 2
     return 0
 
 

@@ -111,7 +111,12 @@ def build_parser() -> argparse.ArgumentParser:
       help="Peak dense TFLOP/s of one device for the MFU figure (default: known for H100/H200/A100 "
            "per precision; MFU is null on CPU and unknown GPUs).")
     o("--resume", nargs="?", const="latest", default=None, metavar="CHECKPOINT",
-      help="Resume from output_dir's latest checkpoint, or from the given checkpoint directory.")
+      help="Resume from output_dir's latest complete checkpoint, or from CHECKPOINT (a checkpoints/step_N "
+           "directory, a checkpoints folder or another run's output_dir). Flags that shape the run must match "
+           "the checkpoint's (refused otherwise, with the list of differences).")
+    o("--init_from", type=str, default=None, metavar="DIR",
+      help="Start a new run from the weights of an exported model (python -m engine.export), e.g. to change "
+           "the ZeRO stage, world size or precision of a run; optimizer state and schedules start afresh.")
     o("--zero_stage", type=int, default=None, choices=ZERO_STAGES,
       help="ZeRO stage; picks ds_configs/zero<N>.json (default 2 unless --deepspeed FILE is given).")
     o("--offload", type=str, default=None, choices=OFFLOADS,
@@ -122,7 +127,7 @@ def build_parser() -> argparse.ArgumentParser:
       help="Clip the global gradient norm to this (0 = no clipping, as in the HF example).")
     o("--eval_steps", type=int, default=None,
       help="Optimizer steps between evaluations (default: at the end of each epoch, as the HF example).")
-    o("--keep_last_checkpoints", type=int, default=2, help="DeepSpeed checkpoints kept in output_dir/checkpoints.")
+    o("--keep_last_checkpoints", type=int, default=2, help="DeepSpeed checkpoints kept in output_dir/checkpoints (0 = all).")
     o("--attn_implementation", type=str, default=None, choices=["eager", "sdpa"],
       help="Attention kernel of the transformers model (default: transformers' choice).")
     o("--fast_forward", action=argparse.BooleanOptionalAction, default=True,
@@ -231,6 +236,9 @@ def validate_args(args) -> None:
                 raise ValueError
         except ValueError:
             raise ArgError(f"--gpu_memory_gb must be a positive number of GiB or 'auto', got {args.gpu_memory_gb!r}")
+    if args.init_from is not None and not os.path.isfile(os.path.join(args.init_from, "config.json")):
+        raise ArgError(f"--init_from {args.init_from!r} is not a model directory (no config.json); "
+                       "export one with `python -m engine.export CHECKPOINT DIR`")
     if args.output_dir and os.path.isfile(args.output_dir):
         raise ArgError(f"--output_dir {args.output_dir!r} is a file")
 

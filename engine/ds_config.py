@@ -78,6 +78,11 @@ def resolve_precision(args, device_type: str, cfg: dict | None = None) -> str:
         wanted = "bf16" if device_type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
     if wanted == "fp16" and device_type != "cuda":
         raise ArgError("--precision fp16 (or fp16 in the --deepspeed config) needs a GPU; on CPU use bf16 or fp32")
+    if wanted == "fp16" and device_type == "cuda" and torch.cuda.get_device_capability() < (5, 3):
+        raise ArgError(f"--precision fp16 (or fp16 in the --deepspeed config): this GPU "
+                       f"({torch.cuda.get_device_name()}, compute capability "
+                       f"{'.'.join(map(str, torch.cuda.get_device_capability()))}) has no fp16 arithmetic; "
+                       "use --precision fp32")
     if wanted == "bf16" and device_type == "cuda" and not torch.cuda.is_bf16_supported():
         raise ArgError("--precision bf16: this GPU does not support bf16; use --precision fp16")
     return wanted
@@ -110,6 +115,9 @@ def build_ds_config(args, world_size: int, device_type: str) -> dict:
     if path is not None:
         cfg = load_config_file(path)
         stage = cfg.get("zero_optimization", {}).get("stage", 0)
+        if stage not in (0, 1, 2, 3) or isinstance(stage, bool):
+            raise ArgError(f"--deepspeed {path}: zero_optimization.stage={stage!r} is not a ZeRO stage; "
+                           "use 0, 1, 2 or 3 (or --zero_stage N without a config file)")
         if args.zero_stage is not None and args.zero_stage != stage:
             raise ArgError(f"--zero_stage {args.zero_stage} disagrees with zero_optimization.stage={stage} "
                            f"in {path}; pass one of them")

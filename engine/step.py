@@ -218,6 +218,13 @@ class StatsWindow:
                 continue
             self.sums[k] = self.sums[k] + v if k in self.sums else (v.clone() if torch.is_tensor(v) else v)
 
+    def snapshot(self) -> dict:
+        """The sums on the CPU, for a checkpoint (a resumed run logs the same window)."""
+        return {k: (v.detach().cpu() if torch.is_tensor(v) else v) for k, v in self.sums.items()}
+
+    def restore(self, snapshot: dict, device: torch.device) -> None:
+        self.sums = {k: (v.to(device) if torch.is_tensor(v) else v) for k, v in snapshot.items()}
+
     def merge(self, other: "StatsWindow", keys=None) -> None:
         """Add `other`'s sums (only `keys`, when given) and empty it."""
         self.add(other.sums, keys)

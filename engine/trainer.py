@@ -16,9 +16,11 @@ import torch.distributed as dist
 from transformers import get_scheduler, set_seed
 
 from engine import checkpoint as ckpt
+from engine import compat, preempt
+from engine.export import export_pretrained, init_weights_from
 from engine.args import ArgError
 from engine.data import build_datasets, build_loader
-from engine.ds_config import build_ds_config, precision_of
+from engine.ds_config import build_ds_config, offload_of, precision_of
 from engine.metrics import MetricsLogger
 from engine.models import build_model, count_parameters, load_config, load_feature_extractor
 from engine.monitor import TrainMonitor, stash_grad_norm
@@ -75,11 +77,35 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
+RUN_MARKERS = ("run_args.json", "metrics.jsonl", os.path.join(ckpt.CKPT_DIR, "latest"))
+
+
 def check_output_dir(args) -> None:
-    latest = os.path.join(ckpt.checkpoint_root(args.output_dir), "latest")
-    if args.resume is None and os.path.isfile(latest):
-        raise ArgError(f"--output_dir {args.output_dir!r} already holds a run (checkpoints/latest); "
+    """Refuse to start a new run in an output_dir that holds another one (its metrics and checkpoints)."""
+    if args.resume is not None or not os.path.isdir(args.output_dir):
+        return
+    found = [m for m in RUN_MARKERS if os.path.exists(os.path.join(args.output_dir, m))]
+    found += ckpt.complete_checkpoints(ckpt.checkpoint_root(args.output_dir))[-1:]
+    if found:
+        raise ArgError(f"--output_dir {args.output_dir!r} already holds a run ({', '.join(found)}); "
                        "pass --resume to continue it, or choose another --output_dir")
+
+
+def check_resume(args, config, ds_cfg, d: "Dist"):
+    """(load_dir, tag) of the checkpoint to resume from, or None; refuses flags that cannot continue it."""
+    if args.resume is None:
+        return None
+    where = ckpt.find_checkpoint(args.resume, args.output_dir)
+    if where is None:
+        return None
+    path = os.path.join(*where)
+    notes = compat.check_resume(ckpt.read_meta(path), compat.run_meta(
+        args, config, world_size=d.world_size, zero_stage=ds_cfg["zero_optimization"].get("stage", 0),
+        precision=precision_of(ds_cfg), offload=offload_of(ds_cfg)), path)
+    if d.is_main:
+        for note in notes:
+            print(f"--resume: note: {note}")
+    return where
 
 
 def check_hub_access(args) -> None:
@@ -140,12 +166,16 @@ def setup(args):
         if d.is_main:
             print(plan.table())
     ds_cfg = build_ds_config(args, d.world_size, d.device.type)
+    resume_from = None
     if not args.preprocessing_only:
         check_output_dir(args)
+        resume_from = check_resume(args, config, ds_cfg, d)
         if args.push_to_hub:
             check_hub_access(args)
     train_ds, eval_ds = build_datasets(args, feature_extractor.sampling_rate)
-    return d, config, feature_extractor, spec, ds_cfg, train_ds, eval_ds
+    if not args.preprocessing_only:
+        compat.check_batch_fits(args, len(train_ds), d.world_size)
+    return d, config, feature_extractor, spec, ds_cfg, train_ds, eval_ds, resume_from
 
 
 def loader_for(args, dataset, d: Dist, epoch: int, *, train: bool, start_batch: int = 0):
@@ -178,7 +208,7 @@ def main(args) -> dict:
     import deepspeed
     if args.plan_only:
         return plan_only(args)
-    d, config, feature_extractor, spec, ds_cfg, train_ds, eval_ds = setup(args)
+    d, config, feature_extractor, spec, ds_cfg, train_ds, eval_ds, resume_from = setup(args)
     say = print if d.is_main else (lambda *a, **k: None)
     if args.preprocessing_only:
         say(f"preprocessing done: {len(train_ds)} training utterances"
@@ -195,30 +225,40 @@ def main(args) -> dict:
 
     model = build_model(config, gradient_checkpointing=args.gradient_checkpointing,
                         attn_implementation=args.attn_implementation)
+    if args.init_from and resume_from is None:
+        init_weights_from(model, args.init_from)
+    groups = param_groups(model, args.weight_decay)
+    names = {id(p): n for n, p in model.named_parameters()}
+    meta = compat.run_meta(args, config, world_size=d.world_size, zero_stage=ds_cfg["zero_optimization"].get("stage", 0),
+                           precision=precision_of(ds_cfg), offload=offload_of(ds_cfg),
+                           param_groups=[[names[id(p)] for p in g["params"]] for g in groups if g["params"]])
     scheduler = partial(_scheduler, args=args, max_steps=max_steps)
-    engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=param_groups(model, args.weight_decay),
-                                           config=ds_cfg, lr_scheduler=scheduler)
+    engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=groups, config=ds_cfg, lr_scheduler=scheduler)
     gen = torch.Generator(device=d.device).manual_seed(args.seed + d.rank)
     step_fn = PretrainStep(engine.module, spec, d.device, world_size=d.world_size, generator=gen)
 
-    completed, start_epoch, start_batch = 0, 0, 0
-    if args.resume is not None:
-        where = ckpt.resolve_resume(args.resume, args.output_dir)
-        if where is None:
-            say(f"--resume: no checkpoint in {ckpt.checkpoint_root(args.output_dir)}; starting from scratch")
-        else:
-            state = ckpt.load_checkpoint(engine, *where)
-            completed, start_epoch, start_batch = state["completed_steps"], state["epoch"], state["batch_in_epoch"]
-            ckpt.set_rng_state(state["rng"][min(d.rank, len(state["rng"]) - 1)], gen)
-            say(f"resumed from {os.path.join(*where)} at step {completed}")
+    completed, start_epoch, start_batch, state = 0, 0, 0, None
+    if args.resume is not None and resume_from is None:
+        say(f"--resume: no checkpoint in {ckpt.checkpoint_root(args.output_dir)} yet; starting from scratch")
+    if resume_from is not None:
+        state = ckpt.load_checkpoint(engine, *resume_from)
+        completed, start_epoch, start_batch = state["completed_steps"], state["epoch"], state["batch_in_epoch"]
+        saved_world = len(state["rng"])
+        if saved_world != d.world_size:  # ZeRO 0 only (compat refuses the others): same samples seen
+            start_batch = start_batch * saved_world // d.world_size
+        engine.micro_steps = completed * args.gradient_accumulation_steps  # DeepSpeed does not restore it
+        engine.module.set_gumbel_temperature(state["gumbel_temperature"])
+        say(f"resumed from {os.path.join(*resume_from)} at step {completed} (epoch {start_epoch}, "
+            f"micro-batch {start_batch})")
+    else:
+        engine.module.set_gumbel_temperature(gumbel_temperature(args, 0))
 
     if d.is_main:
         os.makedirs(args.output_dir, exist_ok=True)
         with open(os.path.join(args.output_dir, "ds_config.json"), "w") as fh:
             json.dump(ds_cfg, fh, indent=2)
         with open(os.path.join(args.output_dir, "run_args.json"), "w") as fh:
-            json.dump({k: (str(v) if not isinstance(v, (int, float, str, bool, list, type(None))) else v)
-                       for k, v in vars(args).items() if k != "hub_token"}, fh, indent=2)
+            json.dump(meta["flags"], fh, indent=2)
     say(f"model: {count_parameters(model) / 1e6:.1f}M params | ZeRO {ds_cfg['zero_optimization'].get('stage', 0)} "
         f"| {precision_of(ds_cfg)} | world {d.world_size} | {len(train_ds)} train utterances | "
         f"{micro_per_epoch} micro-batches/epoch/rank | {max_steps} steps | masking {spec}")
@@ -227,62 +267,122 @@ def main(args) -> dict:
     logger = MetricsLogger(args.output_dir, is_main=d.is_main, total_steps=max_steps, initial_step=completed,
                            report_to=args.report_to, run_config=vars(args), project=args.wandb_project,
                            run_name=args.wandb_run_name)
-    engine.module.set_gumbel_temperature(gumbel_temperature(args, max(completed - 1, 0)))
     step_fn.sampling_rate = feature_extractor.sampling_rate
     monitor = TrainMonitor(engine, step_fn, args, config, ds_cfg, logger, d, max_steps)
+    window = monitor.window
+    if state is not None:
+        window.restore(state.get("stats_window", {}), d.device)
     result: dict = {}
+    epoch_rng = ckpt.rng_state()
 
-    def save(epoch: int, batch_in_epoch: int) -> None:
-        rngs = [None] * d.world_size
+    def save(epoch: int, batch_in_epoch: int, export: bool = True) -> str:
+        """All ranks: checkpoint the state after `completed` steps, then export the fp32 HF model. RNG-neutral."""
+        rngs, epoch_rngs = [None] * d.world_size, [None] * d.world_size
         dist.all_gather_object(rngs, ckpt.rng_state(gen))
-        ckpt.save_checkpoint(engine, args.output_dir, completed, {
-            "completed_steps": completed, "epoch": epoch, "batch_in_epoch": batch_in_epoch, "rng": rngs},
-            keep_last=args.keep_last_checkpoints)
-        ckpt.export_pretrained(engine, config, feature_extractor, args.output_dir)
+        dist.all_gather_object(epoch_rngs, epoch_rng)
+        client = {"completed_steps": completed, "epoch": epoch, "batch_in_epoch": batch_in_epoch,
+                  "rng": rngs, "rng_epoch_start": epoch_rngs,
+                  "gumbel_temperature": engine.module.quantizer.temperature,
+                  "stats_window": window.snapshot()}
+
+        def write_extra(path):
+            config.save_pretrained(path)
+            feature_extractor.save_pretrained(path)
+
+        with ckpt.rng_preserved(gen):
+            path = ckpt.save_checkpoint(engine, args.output_dir, completed, client, meta=meta,
+                                        keep_last=args.keep_last_checkpoints, write_extra=write_extra)
+            if d.is_main and export:
+                export_pretrained(path, args.output_dir)
+            ckpt.barrier()
+        return path
 
     needs_own_norm = engine.zero_optimization_stage() == 0 and not ds_cfg.get("gradient_clipping")
     engine.train()
-    epoch, batch_in_epoch = start_epoch, start_batch
-    for epoch in range(start_epoch, num_epochs):
-        first = start_batch if epoch == start_epoch else 0
-        batch_in_epoch = first
-        for batch in loader_for(args, train_ds, d, epoch, train=True, start_batch=first):
-            inputs = step_fn.prepare(batch)
-            boundary = engine.is_gradient_accumulation_boundary()
-            step_fn.measure_codes = monitor.will_log(completed + 1)
-            loss, stats = step_fn.forward(engine, inputs)
-            engine.backward(loss)
-            if boundary and needs_own_norm and (completed + 1) % args.logging_steps == 0:
-                stash_grad_norm(engine)
-            engine.step()
-            monitor.micro_step(stats, batch)
-            batch_in_epoch += 1
-            if not boundary:
-                continue
-            monitor.after_step(completed + 1)
-            engine.module.set_gumbel_temperature(gumbel_temperature(args, completed))  # seed: before increment
-            completed += 1
-            logger.advance()
-            if monitor.will_log(completed):
-                result = monitor.log(completed, epoch)
-            if args.eval_steps and eval_ds is not None and completed % args.eval_steps == 0:
-                logger.log(completed, evaluate(engine, step_fn, args, eval_ds, d), split="eval")
-            if completed % args.saving_steps == 0 and completed < max_steps:
-                save(epoch, batch_in_epoch)
+    epoch, batch_in_epoch, stopped = start_epoch, start_batch, False
+    if completed >= max_steps:
+        say(f"--resume: the checkpoint is at step {completed}, --max_train_steps/--num_train_epochs ask for "
+            f"{max_steps}: nothing to train")
+        num_epochs = start_epoch  # skip the loop and the final save
+    with preempt.StopRequest(d.world_size) as stop:
+        for epoch in range(start_epoch, num_epochs):
+            first = start_batch if epoch == start_epoch else 0
+            batch_in_epoch = first
+            resuming = state is not None and epoch == start_epoch
+            if resuming:  # replay the RNG as it was when this epoch's loader started, then as at the save
+                r = min(d.rank, len(state["rng"]) - 1)
+                epoch_rng = state["rng_epoch_start"][r]
+                ckpt.set_rng_state(epoch_rng)
+                after_start = partial(ckpt.set_rng_state, state["rng"][r], gen)
+            else:
+                epoch_rng, after_start = ckpt.rng_state(), None
+            loader = loader_for(args, train_ds, d, epoch, train=True, start_batch=first)
+            for batch in _started(loader, after_start):
+                inputs = step_fn.prepare(batch)
+                boundary = engine.is_gradient_accumulation_boundary()
+                step_fn.measure_codes = monitor.will_log(completed + 1)
+                loss, stats = step_fn.forward(engine, inputs)
+                engine.backward(loss)
+                if boundary and needs_own_norm and (completed + 1) % args.logging_steps == 0:
+                    stash_grad_norm(engine)
+                engine.step()
+                monitor.micro_step(stats, batch)
+                batch_in_epoch += 1
+                if not boundary:
+                    continue
+                monitor.after_step(completed + 1)
+                engine.module.set_gumbel_temperature(gumbel_temperature(args, completed))  # seed: before increment
+                completed += 1
+                logger.advance()
+                if monitor.will_log(completed):
+                    result = monitor.log(completed, epoch)
+                if args.eval_steps and eval_ds is not None and completed % args.eval_steps == 0:
+                    with ckpt.rng_preserved():  # the eval loader draws a seed from torch's RNG
+                        val = evaluate(engine, step_fn, args, eval_ds, d)
+                    logger.log(completed, val, split="eval")
+                path = None
+                if completed % args.saving_steps == 0 and completed < max_steps:
+                    path = save(epoch, batch_in_epoch)
+                if completed < max_steps and stop.should_stop():
+                    path = path or save(epoch, batch_in_epoch, export=False)  # launchers kill ~30 s later
+                    say(f"stopped by {stop.name} after step {completed}; checkpoint {path}. "
+                        "Continue with the same command and --resume")
+                    stopped = True
+                    break
+                if completed >= max_steps:
+                    break
+            state = None
+            if stopped:
+                break
+            if eval_ds is not None and not args.eval_steps:  # the seed validates after every epoch
+                with ckpt.rng_preserved():
+                    val = evaluate(engine, step_fn, args, eval_ds, d)
+                result.update(val)
+                logger.log(completed, val, split="eval")
             if completed >= max_steps:
                 break
-        if eval_ds is not None and not args.eval_steps:  # the seed validates after every epoch
-            val = evaluate(engine, step_fn, args, eval_ds, d)
-            result.update(val)
-            logger.log(completed, val, split="eval")
-        if completed >= max_steps:
-            break
-    save(epoch, batch_in_epoch)
+        if not stopped and num_epochs > start_epoch:
+            save(epoch, batch_in_epoch)
     logger.close()
+    if stopped:
+        return dict(result, preempted=True, completed_steps=completed)
     say(f"done: {completed} steps; model saved to {args.output_dir}")
     if args.push_to_hub and d.is_main:
         push_to_hub(args, say)
     return result
+
+
+def _started(loader, after_start=None):
+    """Iterate `loader`, calling `after_start()` once its iterator exists (it has drawn its worker seed from
+    torch's RNG, which a resume therefore replays from the epoch's start) and before the first batch is used."""
+    batches = iter(loader)
+    first = next(batches, None)
+    if after_start is not None:
+        after_start()
+    if first is None:
+        return
+    yield first
+    yield from batches
 
 
 def _scheduler(optimizer, *, args, max_steps):
