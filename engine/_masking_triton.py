@@ -159,6 +159,14 @@ def _negatives_kernel(mask_ptr, seed_ptr, scratch_ptr, out_ptr, T,
         tl.store(out_row + flat, row_base + neg.to(tl.int64), mask=ok)
 
 
+def _cdiv(a: int, b: int) -> int:  # (triton.cdiv and next_power_of_2 cost ~4 us a call on the host)
+    return -(-a // b)
+
+
+def _pow2(n: int) -> int:
+    return 1 << max(0, n - 1).bit_length()
+
+
 def _seed(device: torch.device, generator: torch.Generator | None) -> torch.Tensor:
     return torch.randint(0, _SEED_HIGH, (1,), dtype=torch.int64, device=device, generator=generator)
 
@@ -188,13 +196,13 @@ def span_mask(frame_lengths: torch.Tensor, seq_len: int, mask_prob: float, mask_
         lengths = lengths.to(torch.int64)
     lengths = lengths.contiguous()
     out = torch.empty(B, seq_len, dtype=torch.bool, device=dev)
-    block = max(16, triton.next_power_of_2(seq_len))
+    block = max(16, _pow2(seq_len))
     scratch = torch.empty(B, block, dtype=torch.int32, device=dev)
     # One row per program on the GPU; the interpreter runs programs one after another, so batch rows.
-    rows = rows_per_program or (1 if dev.type == "cuda" else min(max(1, 2**17 // block), triton.next_power_of_2(B)))
+    rows = rows_per_program or (1 if dev.type == "cuda" else min(max(1, 2**17 // block), _pow2(B)))
     rate_bits = struct.unpack("<q", struct.pack("<d", mask_prob / mask_length))[0]  # fp64 via int64 bits
     with _on(dev):
-        _span_mask_kernel[(triton.cdiv(B, rows),)](
+        _span_mask_kernel[(_cdiv(B, rows),)](
             lengths, _seed(dev, generator), scratch, out, B, seq_len, mask_length, min_masks, n_cap, rate_bits,
             BLOCK=block, ROWS=rows, num_warps=_warps(block * rows))
     return out
@@ -210,13 +218,13 @@ def negatives(mask: torch.Tensor, num_negatives: int, generator: torch.Generator
     cuda = dev.type == "cuda"
     # The interpreter (CPU tensors) runs programs one after another at ~0.1 ms per op: big chunks.
     chunk4 = chunk4 or (_CHUNK4 if cuda else 4096)
-    chunks = triton.cdiv(T * K, 4 * chunk4)  # per row
+    chunks = _cdiv(T * K, 4 * chunk4)  # per row
     if programs_per_row is None:  # ~2 programs per SM over the whole batch (one wave); CPU: 2
         programs_per_row = -(-2 * _sm_count(dev) // B) if cuda else 2
     # Chunks per program: a power of two (few compiled variants), about chunks / programs_per_row.
     iters = min(_MAX_ITERS, 1 << max(0, (chunks // max(1, programs_per_row)).bit_length() - 1))
-    nsplit = triton.cdiv(chunks, iters)
-    block_t = max(16, triton.next_power_of_2(T))
+    nsplit = _cdiv(chunks, iters)
+    block_t = max(16, _pow2(T))
     scratch = torch.empty(B * nsplit * 2 * block_t, dtype=torch.int32, device=dev)
     out = torch.empty(B, T, K, dtype=torch.int64, device=dev)
     with _on(dev):
