@@ -13,7 +13,7 @@ stage() {  # name, seconds, command...
 }
 wait_ops() { wait "$OP_BUILD_PID" 2>/dev/null; tail -n 2 /tmp/op_build.log; }
 for s in "$@"; do case $s in
-  masking) stage masking 150 python3 bench/masking.py --device all --iters 200
+  masking) stage masking 150 python3 bench/masking.py --device cuda --iters 200
            stage masking_tests 120 python3 -m pytest -q tests/test_masking.py -k cuda ;;
   data) stage data 240 python3 bench/data.py --num_files 2000 --workers 16 --seconds 20 ;;
   smoke) wait_ops; stage smoke 240 python3 pretrain.py --model_name_or_path base --train_dir /tmp/w2v_scaling_corpus/audio \

@@ -1,7 +1,8 @@
 """Benchmark: transformers' numpy masking + negative sampling vs engine/masking.py.
 
     python bench/masking.py --device cpu --iters 20
-    python bench/masking.py --device all --iters 200        # on the GPU machine
+    python bench/masking.py --device cuda --iters 200       # on the GPU machine: GPU rows only
+    python bench/masking.py --device all --iters 200        # CPU rows too (slow: numpy, torch on CPU)
 
 Setting: T = 999 frames (a batch padded to 20 s at 16 kHz), K = 100 negatives, mask_prob 0.65,
 mask_length 10, min_masks 2 (the HF example's defaults); utterance lengths drawn like LibriSpeech
@@ -11,11 +12,14 @@ CUDA: CUDA events around each call; the seed's CUDA row is its numpy work plus c
 results to the GPU (what a training step that uses it pays). "graph" replays ours captured in
 one CUDA graph. "ops" counts the computing aten ops ours dispatches (views and allocations
 excluded; ~ kernels on CUDA); "kernels" is the number of GPU kernels the profiler sees for one
-call of ours (CUDA only).
+call of ours (CUDA only). On CUDA both implementations of engine/masking.py are timed side by
+side (W2V_MASKING_IMPL=torch, =triton; --impls picks); the seed's numpy row runs at most 20 times
+there (it is CPU work, ~10-100 ms a run).
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import statistics
 import sys
@@ -26,7 +30,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-from engine.masking import compute_span_mask, sample_negatives  # noqa: E402
+from engine.masking import compute_span_mask, implementation, sample_negatives  # noqa: E402
 
 T, K, MASK_PROB, MASK_LENGTH, MIN_MASKS = 999, 100, 0.65, 10, 2
 SAMPLE_RATE = 16000
@@ -180,6 +184,38 @@ def check(lengths: torch.Tensor, mask: torch.Tensor, neg: torch.Tensor) -> str:
     return "invariants ok" if ok else "INVARIANTS VIOLATED"
 
 
+@contextlib.contextmanager
+def forced_impl(name: str):
+    """engine.masking reads W2V_MASKING_IMPL on every call (CUDA-graph capture included)."""
+    old = os.environ.get("W2V_MASKING_IMPL")
+    os.environ["W2V_MASKING_IMPL"] = name
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop("W2V_MASKING_IMPL", None)
+        else:
+            os.environ["W2V_MASKING_IMPL"] = old
+
+
+def cuda_row(B: int, impl: str, lengths: torch.Tensor, args) -> str:
+    dev = lengths.device
+    with forced_impl(impl):
+        if implementation(dev) != impl:
+            return f"{'cuda':>6} {B:>3} {impl:>6}  unavailable"
+        gen = torch.Generator(device=dev).manual_seed(args.seed)
+        m = ours_mask(lengths, gen)  # compiles the Triton kernels on first use
+        ours_neg(m, gen)
+        row = (time_cuda(lambda: ours_mask(lengths, gen), args.iters),
+               time_cuda(lambda: ours_neg(m, gen), args.iters),
+               time_cuda(lambda: ours(lengths, gen), args.iters),
+               graph_time(lengths, args.iters))
+        ops = count_ops(ours, lengths, gen)
+        kernels = cuda_kernels(lambda: ours(lengths, gen))
+        return (f"{'cuda':>6} {B:>3} {impl:>6} " + " ".join(fmt(x) for x in row) + f" {ops:>5} {kernels!s:>8}"
+                f"  {check(lengths, *ours(lengths, gen))}")
+
+
 def fmt(x) -> str:
     return f"{x:9.3f}" if isinstance(x, float) else f"{x!s:>9}"
 
@@ -190,6 +226,7 @@ def main() -> None:
     ap.add_argument("--iters", type=int, default=100)
     ap.add_argument("--batch-sizes", default="8,64")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--impls", default="torch,triton", help="CUDA rows: engine/masking.py implementations")
     args = ap.parse_args()
 
     devices = ["cpu", "cuda"] if args.device == "all" else [args.device]
@@ -199,7 +236,12 @@ def main() -> None:
     seed, seed_mask, seed_neg = seed_fns()
     rng = np.random.default_rng(args.seed)
     np.random.seed(args.seed)
-    print(f"torch {torch.__version__}, T={T}, K={K}, mask_prob={MASK_PROB}, mask_length={MASK_LENGTH}, "
+    try:
+        import triton
+        triton_version = f"triton {triton.__version__}"
+    except ImportError:
+        triton_version = "no triton"
+    print(f"torch {torch.__version__}, {triton_version}, T={T}, K={K}, mask_prob={MASK_PROB}, mask_length={MASK_LENGTH}, "
           f"min_masks={MIN_MASKS}, median of {args.iters} runs, ms"
           + (f", {torch.cuda.get_device_name()}" if "cuda" in devices else "")
           + f", torch threads={torch.get_num_threads()}")
@@ -208,40 +250,37 @@ def main() -> None:
     print("-" * len(header))
     for B in (int(b) for b in args.batch_sizes.split(",")):
         lengths_cpu = librispeech_lengths(B, rng)
-        seed_m = seed_mask(lengths_cpu)
         for dev in devices:
             lengths = lengths_cpu.to(dev)
             if dev == "cpu":
+                seed_m = seed_mask(lengths_cpu)
                 row = (time_host(lambda: seed_mask(lengths_cpu), args.iters),
                        time_host(lambda: seed_neg(seed_m), args.iters),
                        time_host(lambda: seed(lengths_cpu), args.iters))
                 print(f"{dev:>6} {B:>3} {'seed':>6} " + " ".join(fmt(x) for x in row))
                 gen = torch.Generator().manual_seed(args.seed)
-                m = ours_mask(lengths, gen)
-                row = (time_host(lambda: ours_mask(lengths, gen), args.iters),
-                       time_host(lambda: ours_neg(m, gen), args.iters),
-                       time_host(lambda: ours(lengths, gen), args.iters))
-                ops = count_ops(ours, lengths, gen)
-                print(f"{dev:>6} {B:>3} {'ours':>6} " + " ".join(fmt(x) for x in row) + f" {'-':>9} {ops:>5} {'-':>8}"
-                      f"  {check(lengths, *ours(lengths, gen))}")
+                with forced_impl("torch"):  # (Triton on CPU tensors is its interpreter: not timed)
+                    m = ours_mask(lengths, gen)
+                    row = (time_host(lambda: ours_mask(lengths, gen), args.iters),
+                           time_host(lambda: ours_neg(m, gen), args.iters),
+                           time_host(lambda: ours(lengths, gen), args.iters))
+                    ops = count_ops(ours, lengths, gen)
+                    print(f"{dev:>6} {B:>3} {'torch':>6} " + " ".join(fmt(x) for x in row) + f" {'-':>9} {ops:>5} {'-':>8}"
+                          f"  {check(lengths, *ours(lengths, gen))}", flush=True)
             else:
                 def seed_to_gpu():
                     mask, neg = seed(lengths_cpu)
                     torch.from_numpy(mask).to(dev)
                     torch.from_numpy(neg).to(dev)
 
-                total = time_host(seed_to_gpu, args.iters, sync=torch.cuda.synchronize)
-                print(f"{dev:>6} {B:>3} {'seed':>6} {'-':>9} {'-':>9} {fmt(total)}  (numpy + copy to GPU)")
-                gen = torch.Generator(device=dev).manual_seed(args.seed)
-                m = ours_mask(lengths, gen)
-                row = (time_cuda(lambda: ours_mask(lengths, gen), args.iters),
-                       time_cuda(lambda: ours_neg(m, gen), args.iters),
-                       time_cuda(lambda: ours(lengths, gen), args.iters),
-                       graph_time(lengths, args.iters))
-                ops = count_ops(ours, lengths, gen)
-                kernels = cuda_kernels(lambda: ours(lengths, gen))
-                print(f"{dev:>6} {B:>3} {'ours':>6} " + " ".join(fmt(x) for x in row) + f" {ops:>5} {kernels!s:>8}"
-                      f"  {check(lengths, *ours(lengths, gen))}")
+                total = time_host(seed_to_gpu, min(args.iters, 20), warmup=1, sync=torch.cuda.synchronize)
+                print(f"{dev:>6} {B:>3} {'seed':>6} {'-':>9} {'-':>9} {fmt(total)}  (numpy + copy to GPU)",
+                      flush=True)
+                for impl in args.impls.split(","):
+                    try:
+                        print(cuda_row(B, impl, lengths, args), flush=True)
+                    except Exception as exc:  # keep the other rows (one GPU call, one log)
+                        print(f"{dev:>6} {B:>3} {impl:>6}  FAILED: {type(exc).__name__}: {str(exc)[:300]}", flush=True)
 
 
 if __name__ == "__main__":

@@ -1,31 +1,84 @@
 """Span masks and contrastive negatives for wav2vec 2.0 pre-training, vectorized on the device.
 
 Semantics are those of transformers' numpy helpers ``_compute_mask_indices`` and
-``_sample_negative_indices`` (modeling_wav2vec2.py), re-derived as a fixed number of torch ops:
+``_sample_negative_indices`` (modeling_wav2vec2.py), re-derived twice (see ``implementation``):
+
+* on CUDA, Triton kernels (engine/_masking_triton.py): per function one ``torch.randint`` seed draw
+  and one kernel, 4 kernels for mask + negatives (the torch path launches 37);
+* elsewhere (CPU, meta, ``torch.compile`` tracing, no triton, ``W2V_MASKING_IMPL=torch``, rows
+  longer than 8192 frames) a fixed number of torch ops, below.
+
+Both paths:
 
 * no numpy, no per-utterance Python loop, no host synchronisation (no ``.item()``, ``.tolist()``,
   ``.cpu()``, ``nonzero`` or boolean indexing, no tensor in a Python ``if``);
 * every shape depends only on ``B``, ``seq_len``, ``mask_length``, ``num_negatives`` and host-side
   Python numbers, so both functions can run inside a CUDA-graph-captured training step (with a
   custom ``generator``, register it with the graph: ``graph.register_generator_state(gen)``);
-* deterministic under a ``torch.Generator`` (bit-exact repeat on the same device); CPU and CUDA
-  draw from the same distributions but not the same random streams.
+* deterministic under a ``torch.Generator`` (bit-exact repeat on the same device); CPU and CUDA,
+  torch and Triton draw from the same distributions but not the same random streams. Each call
+  advances the generator on the device, so CUDA-graph replays draw fresh masks and negatives.
 
-``torch.compile(fullgraph=True)`` traces both without a graph break when ``generator`` is None
-(dynamo cannot trace a ``torch.Generator`` argument).
+``torch.compile(fullgraph=True)`` traces both (the torch path) without a graph break when
+``generator`` is None (dynamo cannot trace a ``torch.Generator`` argument).
 
-The tests (tests/test_masking.py) compare both functions with the numpy originals statistically.
+The tests (tests/test_masking.py) compare both functions, on both paths (Triton's interpreter
+on CPU), with the numpy originals statistically.
 """
 from __future__ import annotations
 
+import importlib
 import math
+import os
+from types import ModuleType
 
 import torch
 
-__all__ = ["compute_span_mask", "sample_negatives"]
+__all__ = ["compute_span_mask", "sample_negatives", "implementation"]
 
 _INT32_KEY_HIGH = 2**31  # span-start sort keys are uniform int32 in [0, 2**31)
 _FLOAT32_EXACT = 2**24  # integers below this are exact in float32
+
+
+_IMPL_ENV = "W2V_MASKING_IMPL"  # auto (default) | torch | triton
+_triton_module: ModuleType | None = None
+_triton_error: Exception | None = None
+
+
+def _triton() -> ModuleType | None:
+    """engine._masking_triton, imported on first use (None where triton is not importable)."""
+    global _triton_module, _triton_error
+    if _triton_module is None and _triton_error is None:
+        try:
+            _triton_module = importlib.import_module("engine._masking_triton")
+        except Exception as exc:  # no triton (CPU-only installs, CI), or a broken one
+            _triton_error = exc
+    return _triton_module
+
+
+def implementation(device: torch.device | str) -> str:
+    """``"triton"`` or ``"torch"``: the path both functions take for tensors on ``device``.
+
+    ``W2V_MASKING_IMPL`` (read on every call): ``auto`` (default) picks Triton on CUDA when triton
+    imports and torch is not tracing (``torch.compile`` traces the torch path), torch elsewhere;
+    ``torch`` forces the torch path; ``triton`` forces the kernels on any device (on CPU tensors
+    they run in Triton's interpreter, which needs ``TRITON_INTERPRET=1`` before triton is first
+    imported: the tests run them so) and raises ``ImportError`` where triton is missing. Either
+    way, shapes the kernels don't cover (more than 8192 frames per row, ``T * num_negatives >
+    2**30``) take the torch path.
+    """
+    choice = os.environ.get(_IMPL_ENV, "auto").strip().lower() or "auto"
+    if choice == "torch":
+        return "torch"
+    if choice == "triton":
+        if _triton() is None:
+            raise ImportError(f"{_IMPL_ENV}=triton but triton is not importable: {_triton_error!r}")
+        return "triton"
+    if choice != "auto":
+        raise ValueError(f"{_IMPL_ENV} must be auto, torch or triton, got {choice!r}")
+    if torch.device(device).type != "cuda" or torch.compiler.is_compiling():
+        return "torch"
+    return "triton" if _triton() is not None else "torch"
 
 
 def _max_spans(seq_len: int, mask_prob: float, mask_length: int, min_masks: int) -> int:
@@ -58,7 +111,11 @@ def compute_span_mask(frame_lengths: torch.Tensor, seq_len: int, mask_prob: floa
     Choice: ``u`` is drawn once per utterance (the original draws one per batch). Each utterance's
     distribution is identical; utterances are independent instead of rounding up or down together.
 
-    How (16 kernels, topk counting as one; no sort, only a top-k over ``[B, seq_len]``): per-row
+    Triton (CUDA): one program per row: a uniform 32-bit Philox key per valid start; bisection on
+    the key value finds the n-th largest (~log2(L) + 2 block reductions); a cumulative count of
+    chosen starts, read back shifted by ``mask_length``, dilates them (engine/_masking_triton.py).
+
+    Torch (16 kernels, topk counting as one; no sort, only a top-k over ``[B, seq_len]``): per-row
     counts in float64 on ``[B]``; uniform int32 keys on the ``seq_len - mask_length + 1`` possible
     starts, with keys of starts beyond the row's last valid one set to -1; ``topk(n_max)`` gives
     each row's starts in random order, so its first ``n`` are a uniform ``n``-subset; the enabled
@@ -86,6 +143,15 @@ def compute_span_mask(frame_lengths: torch.Tensor, seq_len: int, mask_prob: floa
     n_max = _max_spans(seq_len, mask_prob, mask_length, min_masks)
     if n_max == 0 or B == 0:
         return torch.zeros(B, seq_len, dtype=torch.bool, device=dev)
+    if implementation(dev) == "triton" and _triton().supported_mask(seq_len):
+        return _triton().span_mask(frame_lengths, seq_len, mask_prob, mask_length, min_masks, n_max, generator)
+    return _span_mask_torch(frame_lengths, seq_len, mask_prob, mask_length, n_max, min_masks, generator)
+
+
+def _span_mask_torch(frame_lengths: torch.Tensor, seq_len: int, mask_prob: float, mask_length: int, n_max: int,
+                     min_masks: int, generator: torch.Generator | None) -> torch.Tensor:
+    """compute_span_mask's torch path (arguments validated, n_max >= 1, B >= 1)."""
+    dev, B = frame_lengths.device, frame_lengths.shape[0]
 
     # Number of spans per row, kept unfloored: with x real and k, c integers, k <= floor(x) iff
     # k <= x, max(floor(x), c) = floor(max(x, c)) and min(floor(x), c) = floor(min(x, c)).
@@ -133,7 +199,12 @@ def sample_negatives(mask: torch.Tensor, num_negatives: int,
       contrastive loss (tested); it still counts in the number of masked frames;
     * a row with no masked frame: every entry is ``b * T``.
 
-    How (18 kernels, 5 of them over ``[B, T, K]``: rand, mul, to-int32, add, index_select; no sort,
+    Triton (CUDA): one kernel over (row, slice of the row's ``T*K`` entries): each program builds
+    its row's rank and masked-frame tables in its own scratch, then draws ``j`` as
+    ``umulhi(philox, m - 1)`` and reads the frame ``j + 1`` masked frames after its own, cyclically
+    (the same rule as below, without the doubled table) (engine/_masking_triton.py).
+
+    Torch (18 kernels, 5 of them over ``[B, T, K]``: rand, mul, to-int32, add, index_select; no sort,
     no search). A per-row lookup table lists the row's masked frames twice:
     ``table[b] = [b*T, f_1 .. f_m, f_1 .. f_m, unused]`` (``f_r``: flattened index of the row's
     r-th masked frame, built by two scatters). A masked frame of rank ``c`` (1-based) draws
@@ -153,6 +224,15 @@ def sample_negatives(mask: torch.Tensor, num_negatives: int,
     dev = mask.device
     if B * T == 0 or num_negatives == 0:
         return torch.zeros(B, T, num_negatives, dtype=torch.long, device=dev)
+    if implementation(dev) == "triton" and _triton().supported_negatives(T, num_negatives):
+        return _triton().negatives(mask, num_negatives, generator)
+    return _negatives_torch(mask, num_negatives, generator)
+
+
+def _negatives_torch(mask: torch.Tensor, num_negatives: int, generator: torch.Generator | None) -> torch.Tensor:
+    """sample_negatives' torch path (arguments validated, B * T >= 1, num_negatives >= 1)."""
+    B, T = mask.shape
+    dev = mask.device
     if mask.dtype != torch.bool:
         mask = mask != 0
     ftype = torch.float32 if T < _FLOAT32_EXACT else torch.float64

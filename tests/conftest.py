@@ -7,6 +7,12 @@ import torch
 
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
+# Without a GPU, Triton kernels can only run in Triton's interpreter (tests/test_masking.py runs the
+# masking kernels so). Triton reads this when its @jit functions are defined, i.e. when triton is
+# first imported (transformers imports it during collection), so it is set here, before any import.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 
 def pytest_sessionfinish(session, exitstatus):
     # "no tests collected" (exit 5) is a failure for this project: CI must never pass on an empty run.

@@ -6,9 +6,19 @@ vectorized torch on the device, without host synchronisation, deterministic unde
 
 Statistical tests use fixed seeds (so they are deterministic) and bounds far in the tail (~4.5
 sigma), and each statistic is shown to reject a deliberately wrong sampler (test_*_has_power).
+
+Two implementations (engine/masking.py dispatches): the torch path (CPU, fallback) and the Triton
+kernels (engine/_masking_triton.py, CUDA). Tests taking the ``impl`` fixture run on both: the
+kernels run here on CPU tensors through Triton's interpreter (``TRITON_INTERPRET=1``), the very
+code the GPU compiles, with other block sizes (more rows per program, bigger chunks: the
+interpreter pays per operation); test_triton_* show the outputs don't depend on those sizes. The
+Triton cases skip where triton is not installed. The CUDA tests run on the GPU machine only.
 """
 from __future__ import annotations
 
+import functools
+import importlib
+import importlib.util
 import math
 
 import numpy as np
@@ -20,6 +30,44 @@ import engine.masking as masking
 from engine.masking import compute_span_mask, sample_negatives
 
 Z = 4.5  # tail bound in standard deviations for every statistical check
+HAS_TRITON = importlib.util.find_spec("triton") is not None
+needs_triton = pytest.mark.skipif(not HAS_TRITON, reason="triton not installed")
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (run on the GPU machine)")
+
+
+def use_impl(monkeypatch, impl: str, interpret: bool = True):
+    """Route engine.masking to ``impl`` for this test. For "triton", load the kernel module in the
+    wanted mode: the interpreter (CPU tensors) or compiled (CUDA); Triton decides when the @jit
+    decorators run, so the module is reloaded when its mode differs."""
+    monkeypatch.setenv("W2V_MASKING_IMPL", impl)
+    if impl != "triton":
+        return None
+    import triton.language
+    from triton.runtime.interpreter import InterpretedFunction
+
+    # Triton's own library (tl.sum, tl.philox...) was defined in one mode when triton was imported:
+    # tests/conftest.py sets TRITON_INTERPRET=1 on machines without a GPU, before that import.
+    if isinstance(triton.language.random.philox, InterpretedFunction) != interpret:
+        pytest.skip("Triton's interpreter runs where there is no GPU; the CUDA tests cover the kernels here"
+                    if interpret else "triton was imported in interpreter mode")
+    if interpret:
+        monkeypatch.setenv("TRITON_INTERPRET", "1")
+    else:
+        monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    mt = importlib.import_module("engine._masking_triton")
+    if isinstance(mt._span_mask_kernel, InterpretedFunction) != interpret:
+        mt = importlib.reload(mt)
+    monkeypatch.setattr(masking, "_triton_module", mt)
+    monkeypatch.setattr(masking, "_triton_error", None)
+    return mt
+
+
+@pytest.fixture(params=["torch", pytest.param("triton", marks=needs_triton)])
+def impl(request, monkeypatch):
+    """Run the test on the torch path and on the Triton kernels (interpreted, CPU tensors)."""
+    use_impl(monkeypatch, request.param)
+    assert masking.implementation("cpu") == request.param
+    return request.param
 
 
 # ----------------------------------------------------------------------------------------- helpers
@@ -68,7 +116,13 @@ def seed_repeated(lengths, seq_len, mask_prob, mask_length, min_masks, draws, se
 
     Its padding frames are cleared: a row that draws no span gets the "dummy" span start
     seq_len - 1, i.e. the original masks the *padding* frame seq_len - 1 of such a row (a loss
-    target made of padding). We deliberately don't (test_original_masks_padding_we_do_not)."""
+    target made of padding). We deliberately don't (test_original_masks_padding_we_do_not).
+    Cached (the tests compare both implementations with the same reference draws)."""
+    return _seed_repeated(tuple(lengths), seq_len, mask_prob, mask_length, min_masks, draws, seed).copy()
+
+
+@functools.lru_cache(maxsize=None)
+def _seed_repeated(lengths, seq_len, mask_prob, mask_length, min_masks, draws, seed) -> np.ndarray:
     np.random.seed(seed)
     out = np.stack([seed_mask(lengths, seq_len, mask_prob, mask_length, min_masks) for _ in range(draws)])
     pad = np.arange(seq_len)[None, None, :] >= np.asarray(lengths)[None, :, None]
@@ -103,7 +157,7 @@ def test_mask_prob_out_of_range_raises(mask_prob):
         compute_span_mask(torch.tensor([50]), 50, mask_prob, 5)
 
 
-def test_mask_length_errors_match_the_original():
+def test_mask_length_errors_match_the_original(impl):
     for ml in (0, -3):
         with pytest.raises(ValueError, match="mask_length"):
             compute_span_mask(torch.tensor([50]), 50, 0.5, ml)
@@ -129,7 +183,7 @@ def test_other_argument_errors():
         sample_negatives(torch.ones(5, dtype=torch.bool), 3)
 
 
-def test_shapes_dtypes_and_empty_inputs():
+def test_shapes_dtypes_and_empty_inputs(impl):
     m = compute_span_mask(torch.tensor([40, 7]), 40, 0.5, 4, generator=gen(0))
     assert m.shape == (2, 40) and m.dtype == torch.bool and m.is_contiguous()
     neg = sample_negatives(m, 6, generator=gen(0))
@@ -143,7 +197,7 @@ def test_shapes_dtypes_and_empty_inputs():
 
 
 # --------------------------------------------------------------------------------------- span mask
-def test_no_mask_in_padding_and_short_rows():
+def test_no_mask_in_padding_and_short_rows(impl):
     T, ml = 120, 10
     lengths = [120, 119, 64, 10, 9, 3, 0]  # 9 and 3 < mask_length: no span at all
     out = ours_repeated(lengths, T, 0.65, ml, 2, draws=300, seed=1)
@@ -154,7 +208,7 @@ def test_no_mask_in_padding_and_short_rows():
     assert out[:, :3].any(-1).all()  # min_masks=2 gives every long row a span
 
 
-def test_min_masks_caps_like_the_original():
+def test_min_masks_caps_like_the_original(impl):
     # min_masks larger than any cap: n = min(T // ml, L - ml + 1) for every row
     T, ml = 60, 4
     lengths = [60, 18, 6, 4, 3]
@@ -171,13 +225,13 @@ def test_min_masks_caps_like_the_original():
     assert one.sum(-1).eq(ml).all()
 
 
-def test_lengths_beyond_seq_len_are_clamped():
+def test_lengths_beyond_seq_len_are_clamped(impl):
     a = compute_span_mask(torch.tensor([80] * 2000), 50, 0.5, 5, generator=gen(3)).float().mean()
     b = compute_span_mask(torch.tensor([50] * 2000), 50, 0.5, 5, generator=gen(4)).float().mean()
     assert abs(a - b) < 0.02
 
 
-def test_original_masks_padding_we_do_not():
+def test_original_masks_padding_we_do_not(impl):
     np.random.seed(0)
     ref = seed_mask([50, 7, 20], 50, 0.5, 10)  # row 1 (7 < mask_length) draws no span
     assert ref[1].sum() == 1 and ref[1, 49]  # the original: padding frame 49 masked
@@ -191,11 +245,16 @@ def test_original_masks_padding_we_do_not():
     ([64, 50, 33, 20], 64, 0.9, 7, 1),
     ([999, 871, 604, 250, 101], 999, 0.65, 10, 2),
 ])
-def test_mask_matches_the_original_statistically(lengths, T, p, ml, min_masks):
+def test_mask_matches_the_original_statistically(lengths, T, p, ml, min_masks, impl):
     """Per-utterance masked-fraction mean and per-frame masking probability vs the original."""
     draws = 1000 if T < 500 else 300
     ours = ours_repeated(lengths, T, p, ml, min_masks, draws, seed=10).double().numpy()
     ref = seed_repeated(lengths, T, p, ml, min_masks, draws, seed=10).astype(float)
+    check_profile(ours, ref, lengths, draws)
+
+
+def check_profile(ours: np.ndarray, ref: np.ndarray, lengths, draws: int) -> None:
+    """ours, ref: [draws, B, T] masks as floats."""
     # (1) masked fraction per utterance
     for b, L in enumerate(lengths):
         fo, fr = ours[:, b].sum(-1) / max(L, 1), ref[:, b].sum(-1) / max(L, 1)
@@ -212,7 +271,7 @@ def test_mask_matches_the_original_statistically(lengths, T, p, ml, min_masks):
 
 
 @pytest.mark.parametrize("L,T,p,min_masks", [(37, 50, 0.3, 0), (50, 50, 0.55, 0), (12, 50, 0.1, 2), (23, 40, 1.0, 0)])
-def test_span_count_distribution_matches_the_original(L, T, p, min_masks):
+def test_span_count_distribution_matches_the_original(L, T, p, min_masks, impl):
     """mask_length 1: the masked count is the number of spans (starts without replacement)."""
     draws = 4000
     ours = ours_repeated([L], T, p, 1, min_masks, draws, seed=20).sum(-1).flatten().numpy()
@@ -241,7 +300,7 @@ def start_histogram_stat(starts: np.ndarray, n_valid: int, draws: int, per_draw:
     return stat, n_valid - 1
 
 
-def test_span_starts_uniform_without_replacement():
+def test_span_starts_uniform_without_replacement(impl):
     # mask_length 1 makes the mask the set of starts; p * L integer -> exactly 9 starts each draw
     L, T, draws = 45, 60, 6000
     out = ours_repeated([L], T, 0.2, 1, 0, draws, seed=30)[:, 0]
@@ -300,7 +359,7 @@ def random_masks(seed: int) -> torch.Tensor:
     return torch.cat([mask, lone, two])
 
 
-def test_negative_invariants():
+def test_negative_invariants(impl):
     for seed in range(5):
         mask = random_masks(seed)
         check_negative_invariants(mask, sample_negatives(mask, 50, generator=gen(seed)))
@@ -311,7 +370,7 @@ def test_negative_invariants():
     assert not (neg % 999 >= lengths[:, None, None]).any(), "negative in padding"
 
 
-def test_two_masked_frames_point_to_each_other_and_lone_frames_to_themselves():
+def test_two_masked_frames_point_to_each_other_and_lone_frames_to_themselves(impl):
     mask = random_masks(0)
     neg = sample_negatives(mask, 20, generator=gen(1))
     T = mask.shape[1]
@@ -320,7 +379,7 @@ def test_two_masked_frames_point_to_each_other_and_lone_frames_to_themselves():
     assert neg[0].eq(0).all()  # no masked frame in row 0: every entry b*T
 
 
-def test_unmasked_entries_equal_the_original():
+def test_unmasked_entries_equal_the_original(impl):
     mask = random_masks(3)[2:6]  # the original cannot sample rows with < 2 masked frames
     np.random.seed(0)
     ref = torch.from_numpy(_sample_negative_indices(tuple(mask.shape), 10, mask.numpy())).long()
@@ -352,7 +411,7 @@ def pair_table_stat(table: np.ndarray) -> tuple[float, int]:
     return chi2_stat(table[off], expected[off]), m * (m - 2)
 
 
-def test_negatives_uniform_over_other_masked_frames():
+def test_negatives_uniform_over_other_masked_frames(impl):
     T, K = 64, 3000
     mask = torch.zeros(2, T, dtype=torch.bool)
     mask[0, [0, 1, 2, 9, 10, 20, 33, 34, 35, 36, 50, 62, 63]] = True
@@ -445,7 +504,7 @@ def test_int32_slot_path(monkeypatch):
 
 
 # ------------------------------------------------------------------------ determinism and no sync
-def test_deterministic_under_a_generator():
+def test_deterministic_under_a_generator(impl):
     lengths = torch.tensor([999, 700, 321, 15])
     a = compute_span_mask(lengths, 999, 0.65, 10, 2, generator=gen(5))
     b = compute_span_mask(lengths, 999, 0.65, 10, 2, generator=gen(5))
@@ -489,8 +548,11 @@ def test_traces_as_one_graph():
         torch.compile(synchronising, fullgraph=True, backend="eager")(torch.ones(3))
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (run on the GPU machine)")
-def test_cuda_invariants_determinism_and_graph_capture():
+@needs_cuda
+@pytest.mark.parametrize("impl_name", ["torch", pytest.param("triton", marks=needs_triton)])
+def test_cuda_invariants_determinism_and_graph_capture(impl_name, monkeypatch):
+    use_impl(monkeypatch, impl_name, interpret=False)
+    assert masking.implementation("cuda") == impl_name
     dev = torch.device("cuda")
     lengths = torch.tensor([999, 871, 604, 250, 101, 40, 9], device=dev)
     g = torch.Generator(device=dev)
@@ -516,8 +578,186 @@ def test_cuda_invariants_determinism_and_graph_capture():
         mask = compute_span_mask(static, 999, 0.65, 10, 2)
         neg = sample_negatives(mask, 100)
     graph.replay()
-    first = mask.clone()
+    first, first_neg = mask.clone(), neg.clone()
     graph.replay()
     torch.cuda.synchronize()
     assert not torch.equal(first, mask)  # fresh randomness on each replay
+    assert not torch.equal(first_neg, neg)
     check_negative_invariants(mask.cpu(), neg.cpu())
+    # the replay reads the lengths from device memory
+    static.copy_(torch.tensor([500, 400, 300, 200, 100, 50, 10], device=dev))
+    graph.replay()
+    torch.cuda.synchronize()
+    assert not (mask & (torch.arange(999, device=dev) >= static[:, None])).any()
+    assert (mask.sum(1)[:5] > 0).all()
+    check_negative_invariants(mask.cpu(), neg.cpu())
+
+
+@needs_cuda
+@pytest.mark.parametrize("impl_name", ["torch", pytest.param("triton", marks=needs_triton)])
+def test_cuda_statistics_match_the_original(impl_name, monkeypatch):
+    """The statistical checks of the CPU tests, on the GPU's own kernels (compiled, not interpreted),
+    and other row lengths (block sizes / warp counts of the Triton kernels)."""
+    use_impl(monkeypatch, impl_name, interpret=False)
+    dev = torch.device("cuda")
+    g = torch.Generator(device=dev).manual_seed(10)
+    # per-frame profile and masked fractions vs the original
+    lengths, T, p, ml, min_masks, draws = [999, 871, 604, 250, 101], 999, 0.65, 10, 2, 300
+    rep = torch.tensor(lengths, device=dev).repeat(draws)
+    ours = compute_span_mask(rep, T, p, ml, min_masks, generator=g).view(draws, len(lengths), T)
+    check_profile(ours.double().cpu().numpy(), seed_repeated(lengths, T, p, ml, min_masks, draws, 10).astype(float),
+                  lengths, draws)
+    # starts: exactly 9 distinct, uniform over the 45 valid ones
+    out = compute_span_mask(torch.full((6000,), 45, device=dev), 60, 0.2, 1, 0, generator=g).cpu()
+    assert out.sum(-1).eq(9).all() and not out[:, 45:].any()
+    stat, df = start_histogram_stat(out.nonzero()[:, 1].numpy(), 45, 6000, 9)
+    assert stat < chi2_bound(df), stat
+    # negatives: uniform over the other masked frames of the row
+    T, K = 64, 3000
+    mask = torch.zeros(2, T, dtype=torch.bool)
+    mask[0, [0, 1, 2, 9, 10, 20, 33, 34, 35, 36, 50, 62, 63]] = True
+    mask[1, 5:25] = True
+    neg = sample_negatives(mask.to(dev), K, generator=g).cpu()
+    check_negative_invariants(mask, neg)
+    for b in range(2):
+        stat, df = pair_table_stat(pair_table(mask[b], neg[b] - b * T))
+        assert stat < chi2_bound(df), (b, stat)
+    # other lengths: 1499 (2048-frame blocks), 5000 (8192), 20 (a 32-frame block)
+    for T in (1499, 5000, 20):
+        lengths = torch.tensor([T, T - 1, T // 2, 11, 3], device=dev)
+        mask = compute_span_mask(lengths, T, 0.65, 10, 2, generator=g)
+        assert not (mask & (torch.arange(T, device=dev) >= lengths[:, None])).any()
+        frac = (mask.sum(1).float() / lengths.float()).cpu()
+        assert T < 100 or ((frac[:3] > 0.3).all() and (frac[:3] < 0.8).all()), frac
+        assert frac[:4].gt(0).all() and frac[4] == 0  # min_masks 2: a span wherever one fits
+        check_negative_invariants(mask.cpu(), sample_negatives(mask, 100, generator=g).cpu())
+
+
+# ------------------------------------------------------------------- the Triton path specifically
+if HAS_TRITON:  # module level: an interpreted @jit function must see triton.language in its globals
+    import triton
+    import triton.language as tl
+
+    _real_philox = tl.philox
+
+    @triton.jit
+    def _coarse_philox(seed, c0, c1, c2, c3):
+        a, b, c, d = _real_philox(seed, c0, c1, c2, c3)
+        return a & 3, b, c, d
+
+
+@needs_triton
+def test_triton_block_sizes_do_not_change_the_output(monkeypatch):
+    """Each random value is named by its (row, position) Philox counter, so the rows per program
+    (span mask) and the chunk size and programs per row (negatives) change nothing: the GPU's
+    sizes (1 row per program; 1024-entry chunks, several programs per row and several chunks per
+    program) give bit-identical outputs to the interpreter's defaults used by the other tests."""
+    mt = use_impl(monkeypatch, "triton")
+    lengths = torch.tensor([150, 149, 77, 12, 11, 10, 3, 0, 150])
+    args = (lengths, 150, 0.65, 10, 2, masking._max_spans(150, 0.65, 10, 2))
+    ref = compute_span_mask(*args[:5], generator=gen(0))
+    for rows in (1, 2, 4):
+        assert torch.equal(mt.span_mask(*args, gen(0), rows_per_program=rows), ref)
+    mask = torch.cat([ref[[0, 3]], random_masks(0).repeat(1, 5)[:, :150][[6, 8]]])
+    neg = sample_negatives(mask, 20, generator=gen(1))  # 3000 entries per row
+    check_negative_invariants(mask, neg)
+    # chunks of 1024 entries: 2 programs of 2 (the last one empty), 3 of 1; of 256: 3 programs of 4
+    for per_row, chunk4 in ((1, 256), (3, 256), (2, 64)):
+        assert torch.equal(mt.negatives(mask, 20, gen(1), programs_per_row=per_row, chunk4=chunk4), neg)
+
+
+@needs_triton
+def test_triton_tied_keys_keep_exactly_n_starts(monkeypatch):
+    """With 2-bit keys (ties everywhere) the bisection ends on a tied value and the tie-break by
+    position must still pick exactly n distinct valid starts (at full 32 bits ties are rare)."""
+    mt = use_impl(monkeypatch, "triton")
+    monkeypatch.setattr(tl, "philox", _coarse_philox)
+    lengths = torch.tensor([45, 45, 44, 30, 9, 8, 0] * 40)
+    out = mt.span_mask(lengths, 60, 0.2, 1, 0, masking._max_spans(60, 0.2, 1, 0), gen(3))
+    pad = torch.arange(60) >= lengths[:, None]
+    assert not out[pad].any()
+    n = out.sum(-1)
+    assert n[lengths == 45].eq(9).all() and n[lengths == 30].eq(6).all() and n[lengths == 0].eq(0).all()
+    assert set(n[lengths == 44].tolist()) <= {8, 9} and set(n[lengths == 9].tolist()) <= {1, 2}
+    # mask_length 3: distinct starts, dilated; every row is a union of n windows of 3 frames
+    out = mt.span_mask(lengths, 60, 0.5, 3, 1, masking._max_spans(60, 0.5, 3, 1), gen(4))
+    assert not out[pad].any() and out[lengths >= 3].any(-1).all()
+
+
+def test_implementation_dispatch(monkeypatch):
+    monkeypatch.delenv("W2V_MASKING_IMPL", raising=False)
+    assert masking.implementation("cpu") == "torch" and masking.implementation("meta") == "torch"
+    monkeypatch.setenv("W2V_MASKING_IMPL", "torch")
+    assert masking.implementation("cuda") == "torch"
+    monkeypatch.setenv("W2V_MASKING_IMPL", "cuda-please")
+    with pytest.raises(ValueError, match="W2V_MASKING_IMPL"):
+        masking.implementation("cpu")
+    monkeypatch.setenv("W2V_MASKING_IMPL", "triton")
+    monkeypatch.setattr(masking, "_triton_module", None)
+    monkeypatch.setattr(masking, "_triton_error", ImportError("no triton here"))
+    with pytest.raises(ImportError, match="no triton here"):
+        masking.implementation("cpu")
+    monkeypatch.setenv("W2V_MASKING_IMPL", "auto")
+    assert masking.implementation("cuda") == "torch"  # auto: no triton -> torch, even on CUDA
+
+
+@needs_triton
+def test_triton_falls_back_to_torch_beyond_its_block_limit(monkeypatch):
+    mt = use_impl(monkeypatch, "triton")
+    calls = []
+    monkeypatch.setattr(mt, "span_mask", lambda *a, **k: calls.append("mask"))
+    monkeypatch.setattr(mt, "negatives", lambda *a, **k: calls.append("neg"))
+    monkeypatch.setattr(mt, "MAX_BLOCK", 64)
+    mask = compute_span_mask(torch.tensor([65, 30]), 65, 0.5, 5, generator=gen(0))  # torch path
+    check_negative_invariants(mask, sample_negatives(mask, 4, generator=gen(0)))
+    assert calls == []
+    compute_span_mask(torch.tensor([64, 30]), 64, 0.5, 5, generator=gen(0))
+    sample_negatives(mask[:, :64], 4, generator=gen(0))
+    assert calls == ["mask", "neg"]
+
+
+_COMPILE_FOR_H100 = r"""
+import sys
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from engine import _masking_triton as mt
+
+target = GPUTarget("cuda", 90, 32)  # H100: Triton's own ptxas compiles without a GPU
+for block, lengths, rate in ((1024, "*i64", "i64"), (8192, "*i32", "i32")):
+    sig = {"len_ptr": lengths, "seed_ptr": "*i64", "scratch_ptr": "*i32", "out_ptr": "*i1", "B": "i32",
+           "seq_len": "i32", "mask_length": "i32", "min_masks": "i32", "n_cap": "i32", "rate_bits": rate}
+    triton.compile(ASTSource(mt._span_mask_kernel, sig, {"BLOCK": block, "ROWS": 1}), target=target,
+                   options={"num_warps": mt._warps(block)})
+for mask, block, iters in (("*i1", 1024, 2), ("*fp32", 8192, 64)):
+    sig = {"mask_ptr": mask, "seed_ptr": "*i64", "scratch_ptr": "*i32", "out_ptr": "*i64", "T": "i32"}
+    consts = {"K": 100, "BLOCK_T": block, "CHUNK4": mt._CHUNK4, "ITERS": iters}
+    k = triton.compile(ASTSource(mt._negatives_kernel, sig, consts), target=target,
+                       options={"num_warps": mt._warps(block)})
+    assert "bar.sync" in k.asm["ptx"] or "barrier.sync" in k.asm["ptx"]
+print("compiled")
+"""
+
+
+@needs_triton
+def test_triton_kernels_compile_for_h100(tmp_path):
+    """The interpreter shares Triton's front end with the compiler, not its back end: compile the
+    kernels (both, a small and the largest block) for sm_90 through PTX to a cubin, here, without a
+    GPU (a fresh process: the compiler needs triton imported outside interpreter mode)."""
+    import os
+    import pathlib
+    import subprocess
+    import sys
+
+    import triton
+
+    ptxas = pathlib.Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas"
+    if not ptxas.exists():
+        pytest.skip("this triton build ships no ptxas")
+    root = pathlib.Path(__file__).resolve().parents[1]
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = os.pathsep.join([str(root)] + [p for p in [env.get("PYTHONPATH")] if p])
+    env["TRITON_CACHE_DIR"] = str(tmp_path)  # a cold cache: really compile, and leave the user's alone
+    run = subprocess.run([sys.executable, "-c", _COMPILE_FOR_H100], env=env, cwd=root, capture_output=True,
+                         text=True, timeout=300)
+    assert run.returncode == 0 and "compiled" in run.stdout, run.stderr[-3000:]
