@@ -226,9 +226,10 @@ def seed_runner(name, settings, device, batches):
             out = model(**batch)
         out.loss.backward()
         if num_losses > 0:                                                     # host sync, as in the seed
+            scale = 1 / num_losses
             for p in model.parameters():
                 if p.grad is not None:
-                    p.grad.data.mul_(1 / num_losses)
+                    p.grad.data.mul_(scale)
         norm = 0.0
         for p in model.parameters():                                           # the seed's grad norm
             if p.grad is not None:
