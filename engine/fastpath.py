@@ -199,17 +199,24 @@ def _compiled_fn(fn, name: str):
     return _compiled[key]
 
 
-@torch.compiler.disable
-def _eager(module, h):
-    """A convolution outside any compiled graph (inductor's conv lowering specializes on the sequence length,
-    which would recompile the graph for every new length). A graph break under --torch_compile full."""
+def _call(module, h):
     return module(h)
+
+
+def _eager(module, h, compiling: bool):
+    """Under --torch_compile full: a convolution kept out of the graph (a graph break), because inductor's
+    conv lowering specializes on the sequence length and would recompile for every new length."""
+    if not compiling:
+        return module(h)
+    if "eager" not in _compiled:
+        _compiled["eager"] = torch.compiler.disable(_call)  # imports dynamo: only when compiling
+    return _compiled["eager"](module, h)
 
 
 def _encoder(enc, h, frame_mask, args: FastPathArgs, stable: bool):
     if frame_mask is not None:                      # HF: hidden_states[~mask] = 0 (a sync); same values
         h = h.masked_fill(~frame_mask[..., None], 0.0)
-    h = h + _eager(enc.pos_conv_embed, h)
+    h = h + _eager(enc.pos_conv_embed, h, args.compile == "full")
     if not stable:
         h = enc.layer_norm(h)
     h = enc.dropout(h)
