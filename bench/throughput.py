@@ -226,9 +226,10 @@ def seed_runner(name, settings, device, batches):
             out = model(**batch)
         out.loss.backward()
         if num_losses > 0:                                                     # host sync, as in the seed
+            scale = 1 / num_losses
             for p in model.parameters():
                 if p.grad is not None:
-                    p.grad.data.mul_(1 / num_losses)
+                    p.grad.data.mul_(scale)
         norm = 0.0
         for p in model.parameters():                                           # the seed's grad norm
             if p.grad is not None:
@@ -268,7 +269,7 @@ def ours_runner(name, settings, device, batches):
     gen = torch.Generator(device=device).manual_seed(0)
     step_fn = PretrainStep(engine.module, spec, device, generator=gen)
     window = StatsWindow()
-    loss_check = _loss_check(engine, step_fn, reference, batches[0], device)
+    loss_check = _loss_check(engine, step_fn, reference, batches[0], device, settings.get("check_compiled", False))
     del reference
     engine.train()
     state = {"completed": 0}
@@ -296,16 +297,21 @@ def ours_runner(name, settings, device, batches):
     return step, config, close, check
 
 
-def _loss_check(engine, step_fn, reference, utts, device, max_utts: int = 4) -> dict:
+def _loss_check(engine, step_fn, reference, utts, device, compiled: bool, max_utts: int = 4) -> dict:
     """Our step's loss (engine precision, bf16 on GPU) against transformers' model in fp32 with the same
     initial weights, batch, mask and negatives. Eval mode: no dropout, argmax quantizer, so both are
     deterministic. Relative difference of the summed loss (and of the contrastive part)."""
     batch = collate(utts[:max_utts], None, False)
     engine.eval()
     reference.eval()
+    compile_mode = step_fn.compile
+    if not compiled:
+        step_fn.compile = "none"   # an eval graph would cost a compilation; --check_compiled checks it too
     with torch.no_grad():
         inputs = step_fn.prepare(batch)
         _, stats = step_fn.forward(engine, inputs)
+    step_fn.compile = compile_mode
+    with torch.no_grad():
         ref = reference(input_values=batch["input_values"].to(device),
                         attention_mask=batch["attention_mask"].to(device),
                         mask_time_indices=inputs["mask_time_indices"],
@@ -448,6 +454,8 @@ def main(argv=None):
                    help="ours: padded audio seconds per batch (default base 400, large 300); a variant's "
                         "seconds= wins")
     p.add_argument("--compile", action="store_true", help="add compile=layers to every ours variant")
+    p.add_argument("--check_compiled", action="store_true",
+                   help="run the loss check through the compiled path too (one more compilation per row)")
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda if available)")
     p.add_argument("--tiny", action="store_true", help="CPU smoke test: demo preset, short utterances, few steps")
     p.add_argument("--json", default=None, help="write the results here (rewritten after every row)")
@@ -494,6 +502,7 @@ def main(argv=None):
     for model_name in models:
         for spec, settings in variants:
             settings = dict(settings)
+            settings["check_compiled"] = args.check_compiled
             if device.type != "cuda" and "precision=" not in spec:
                 settings["precision"] = "fp32"            # CPU: fp32 unless a variant asks for bf16
             if settings["kind"] == "ours":

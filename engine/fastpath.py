@@ -40,6 +40,7 @@ Not supported (the step falls back to transformers' forward): `mask_feature_prob
 from __future__ import annotations
 
 import dataclasses
+import os
 import types
 from dataclasses import dataclass
 
@@ -114,11 +115,11 @@ def _dispatch_forward(self, *args, fast_path: FastPathArgs | None = None, **kwar
 
 def install(model) -> None:
     """Let `model(..., fast_path=FastPathArgs(...))` run the fast forward (idempotent, instance-only)."""
-    if getattr(model, "_fast_path_installed", False):
-        return
-    model.forward = types.MethodType(_dispatch_forward, model)
-    model._fast_path_installed = True
-    if any(hasattr(p, "ds_id") for p in model.parameters()):  # ZeRO-3: gather them with the top module
+    if not getattr(model, "_fast_path_installed", False):
+        model.forward = types.MethodType(_dispatch_forward, model)
+        model._fast_path_installed = True
+    if not getattr(model, "_fast_path_zero3", False) and is_zero3(model):  # gather them with the top module
+        model._fast_path_zero3 = True
         import deepspeed
         extra = [model.quantizer.codevectors]
         if hasattr(model.wav2vec2, "masked_spec_embed"):
@@ -185,7 +186,8 @@ def encoder_layer(layer, h, mode: str, key_mask, packing, stable: bool):
 
 
 _compiled: dict = {}
-COMPILE_BACKEND = "inductor"  # tests use "aot_eager" (inductor's C++ codegen takes minutes on a small CPU)
+# tests use "aot_eager" (inductor's C++ codegen takes minutes on a small CPU)
+COMPILE_BACKEND = os.environ.get("W2V_COMPILE_BACKEND", "inductor")
 
 
 def _compiled_fn(fn, name: str):
@@ -197,10 +199,24 @@ def _compiled_fn(fn, name: str):
     return _compiled[key]
 
 
+def _call(module, h):
+    return module(h)
+
+
+def _eager(module, h, compiling: bool):
+    """Under --torch_compile full: a convolution kept out of the graph (a graph break), because inductor's
+    conv lowering specializes on the sequence length and would recompile for every new length."""
+    if not compiling:
+        return module(h)
+    if "eager" not in _compiled:
+        _compiled["eager"] = torch.compiler.disable(_call)  # imports dynamo: only when compiling
+    return _compiled["eager"](module, h)
+
+
 def _encoder(enc, h, frame_mask, args: FastPathArgs, stable: bool):
     if frame_mask is not None:                      # HF: hidden_states[~mask] = 0 (a sync); same values
         h = h.masked_fill(~frame_mask[..., None], 0.0)
-    h = h + enc.pos_conv_embed(h)
+    h = h + _eager(enc.pos_conv_embed, h, args.compile == "full")
     if not stable:
         h = enc.layer_norm(h)
     h = enc.dropout(h)
@@ -231,11 +247,28 @@ def _encoder(enc, h, frame_mask, args: FastPathArgs, stable: bool):
     return h
 
 
-def feature_encoder(model, input_values):
-    """The conv feature encoder, layer by layer (no requires_grad forced on the audio, unlike HF's forward)."""
+def _norm_act(layer, h):
+    """What an HF conv layer does after its convolution: [group norm | layer norm over channels] + GELU."""
+    norm = getattr(layer, "layer_norm", None)
+    if isinstance(norm, torch.nn.LayerNorm):
+        h = norm(h.transpose(-2, -1)).transpose(-2, -1)
+    elif norm is not None:
+        h = norm(h)
+    return layer.activation(h)
+
+
+def feature_encoder(model, input_values, compiled: bool = False):
+    """The conv feature encoder, layer by layer (no requires_grad forced on the audio, unlike HF's forward).
+
+    compiled: convolutions stay eager (cuDNN) and only the memory-bound norm + GELU after each is compiled
+    (one fused kernel per layer). Compiling through a strided conv makes inductor guard on the exact output
+    length (`((S // 80 - 3) // 2) == 177`), i.e. one recompilation per distinct input length."""
     h = input_values[:, None]
-    for conv in model.wav2vec2.feature_extractor.conv_layers:
-        h = conv(h)
+    for layer in model.wav2vec2.feature_extractor.conv_layers:
+        if compiled and not (getattr(layer, "gradient_checkpointing", False) and layer.training):
+            h = _compiled_fn(_norm_act, "norm_act")(layer, layer.conv(h))
+        else:
+            h = layer(h)
     return h.transpose(1, 2)
 
 
@@ -243,14 +276,15 @@ def feature_encoder(model, input_values):
 # quantizer and loss
 
 
-def quantize(quantizer, features, mask_time_indices):
+def quantize(quantizer, features, mask_time_indices, temperature=None):
     """HF's Wav2Vec2GumbelVectorQuantizer.forward with the lookup as a batched matmul; also returns the
     per-frame code keys (see `_code_keys`). Consumes the RNG exactly like HF (one gumbel_softmax call)."""
     B, T, _ = features.shape
     G, V = quantizer.num_groups, quantizer.num_vars
     logits = quantizer.weight_proj(features).view(B * T * G, V)
     if quantizer.training:
-        probs = F.gumbel_softmax(logits.float(), tau=quantizer.temperature, hard=True).type_as(logits)
+        tau = quantizer.temperature if temperature is None else temperature
+        probs = F.gumbel_softmax(logits.float(), tau=tau, hard=True).type_as(logits)
         soft = torch.softmax(logits.view(B * T, G, V).float(), dim=-1)
         perplexity = quantizer._compute_perplexity(soft, mask_time_indices)
     else:
@@ -297,26 +331,23 @@ def pretraining_forward(model, input_values, attention_mask=None, mask_time_indi
     args = args or FastPathArgs()
     if args.compile == "full" and args.attention == "varlen":
         args = dataclasses.replace(args, compile="layers")   # see _encoder: varlen layers stay eager
-    if args.compile == "full":
-        fn = _compiled_fn(_pretraining_forward, "full")
-        return fn(model, input_values, attention_mask, mask_time_indices, sampled_negative_indices, args)
-    return _pretraining_forward(model, input_values, attention_mask, mask_time_indices, sampled_negative_indices,
-                                args)
-
-
-def _pretraining_forward(model, input_values, attention_mask, mask_time_indices, sampled_negative_indices,
-                         args: FastPathArgs):
-    config = model.config
-    w2v = model.wav2vec2
-    encode = feature_encoder
-    if args.compile == "layers":  # the conv stack too: fuses norm + GELU (+ transposes for layer-norm convs)
-        encode = _compiled_fn(feature_encoder, "features")
-    features = encode(model, input_values)
-    B, T, _ = features.shape
-
+    features = feature_encoder(model, input_values, compiled=args.compile != "none")
     lengths = args.frame_lengths
     if lengths is None and attention_mask is not None:
         lengths = model._get_feat_extract_output_lengths(attention_mask.sum(-1))
+    after = _after_features
+    if args.compile == "full":  # everything after the conv stack in one graph (see feature_encoder for why not it)
+        after = _compiled_fn(_after_features, "full")
+    # The gumbel temperature changes every step: a tensor, so that a compiled graph does not specialize on it.
+    temperature = torch.full((), float(model.quantizer.temperature), device=features.device)
+    return after(model, features, lengths, mask_time_indices, sampled_negative_indices, temperature, args)
+
+
+def _after_features(model, features, lengths, mask_time_indices, sampled_negative_indices, temperature,
+                    args: FastPathArgs):
+    config = model.config
+    w2v = model.wav2vec2
+    B, T, _ = features.shape
     frame_mask = None                                # None: no padding (flash attention, no masking)
     if lengths is not None:
         frame_mask = torch.arange(T, device=features.device)[None, :] < lengths[:, None]
@@ -330,7 +361,8 @@ def _pretraining_forward(model, input_values, attention_mask, mask_time_indices,
 
     hidden = _encoder(w2v.encoder, hidden, frame_mask, args, stable=config.do_stable_layer_norm)
     predicted = model.project_hid(hidden)
-    quantized, perplexity, (codes, values) = quantize(model.quantizer, model.dropout_features(extract), mask)
+    quantized, perplexity, (codes, values) = quantize(model.quantizer, model.dropout_features(extract), mask,
+                                                      temperature)
     quantized = model.project_q(quantized)
 
     loss = contrastive = diversity = None

@@ -85,6 +85,8 @@ class PretrainStep:
             if reason is not None:
                 _warn_once(f"fast forward off: the model config has {reason}; using transformers' forward")
                 self.fast = False
+        if not self.fast and self.compile != "none":
+            _warn_once("--torch_compile applies to the fast forward only; transformers' forward runs eager")
         if self.fast:
             fastpath.install(module)
             if self.compile != "none" and fastpath.is_zero3(module):

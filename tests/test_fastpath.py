@@ -203,15 +203,16 @@ def test_step_loss_is_the_same_on_both_paths(corpus_dir):
 
 
 @pytest.mark.parametrize("scope", ["layers", pytest.param("full", marks=pytest.mark.skipif(
-    not os.environ.get("W2V_SLOW_TESTS"), reason="~40 s of tracing on CPU; set W2V_SLOW_TESTS=1"))])
-def test_torch_compile_matches_eager(monkeypatch, scope):
-    """The compiled paths trace (one graph shared by every encoder layer + one for the conv stack, or one for
-    the whole forward) and compute the same loss. aot_eager: dynamo + AOT autograd without inductor's C++
-    codegen, which takes minutes on a small CPU (the GPU run uses inductor)."""
+    not os.environ.get("W2V_SLOW_TESTS"), reason="~60 s of tracing on CPU; set W2V_SLOW_TESTS=1"))])
+def test_torch_compile_matches_eager_and_does_not_recompile(monkeypatch, scope):
+    """The compiled paths trace (one graph shared by every encoder layer + the conv stack's norm/GELU, or one
+    graph after the conv stack), compute the same loss, and are not recompiled for new batch shapes or a new
+    gumbel temperature. aot_eager: dynamo + AOT autograd without inductor's C++ codegen, which takes minutes
+    on a small CPU (the GPU run uses inductor)."""
+    from torch._dynamo.utils import counters
     monkeypatch.setattr(fastpath, "COMPILE_BACKEND", "aot_eager")
     torch._dynamo.reset()
-    config = _config("base", num_hidden_layers=1)
-    _, ours = _models(config)
+    _, ours = _models(_config("base", num_hidden_layers=2))
     ours.eval()
     x, am, lengths, mask, neg = _batch(ours, padded=True)
     run = lambda compile: ours(x, attention_mask=am, mask_time_indices=mask, sampled_negative_indices=neg,  # noqa
@@ -219,7 +220,24 @@ def test_torch_compile_matches_eager(monkeypatch, scope):
     want = run("none")
     got = run(scope)
     torch.testing.assert_close(got.loss, want.loss, rtol=1e-4, atol=1e-4)
-    got.loss.backward()
+
+    ours.train()
+    graphs = []
+    for i, (B, S) in enumerate([(3, 16000), (2, 12160), (4, 9920)]):
+        g = torch.Generator().manual_seed(i)
+        lengths_s = torch.randint(S // 2, S + 1, (B,), generator=g)
+        lengths_s[0] = S
+        am = (torch.arange(S)[None] < lengths_s[:, None]).long()
+        frames = ours._get_feat_extract_output_lengths(lengths_s)
+        T = int(ours._get_feat_extract_output_lengths(torch.tensor(S)))
+        mask = compute_span_mask(frames, T, 0.5, 5, generator=g)
+        ours.set_gumbel_temperature(2.0 * 0.9 ** i)
+        out = ours(torch.randn(B, S, generator=g) * am, mask_time_indices=mask,
+                   sampled_negative_indices=sample_negatives(mask, 20, generator=g),
+                   fast_path=fastpath.FastPathArgs("sdpa", frames, compile=scope))
+        out.loss.backward()
+        graphs.append(counters["stats"]["unique_graphs"])
+    assert graphs[1] == graphs[2] == graphs[0], f"recompiled: {graphs}"
     assert all(p.grad is not None for p in ours.wav2vec2.encoder.layers.parameters())
 
 
