@@ -142,7 +142,7 @@ def build_parser() -> argparse.ArgumentParser:
            "layers; the default when the flag is bare) or 'full' (the whole forward). Not under ZeRO-3.")
     data_module.add_data_args(p)
 
-    mem = p.add_argument_group("memory planner (engine/planner.py)")
+    mem = p.add_argument_group("memory planner (engine/planner/)")
     mem.add_argument("--gpu_memory_gb", type=str, default=None, metavar="GB|auto",
                      help="Plan ZeRO stage, offload, micro-batch, checkpointing and accumulation to fit this much "
                           "GPU memory per device ('auto' reads the card), keeping the effective batch; printed "
