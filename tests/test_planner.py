@@ -1,4 +1,4 @@
-"""engine/planner.py: parameter counts, the activation model, DeepSpeed's estimators, plan choices."""
+"""engine/planner/: parameter counts, the activation model, DeepSpeed's estimators, plan choices."""
 from __future__ import annotations
 
 import argparse
