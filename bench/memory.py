@@ -167,13 +167,11 @@ def run_one(args, model_name: str, which: str) -> dict:
 
 
 def _train(args, model_name, setting, row, step_times, micro_times) -> float:
-    import numpy as np
     import torch
     import deepspeed
     import transformers
-    from transformers.models.wav2vec2.modeling_wav2vec2 import _compute_mask_indices, _sample_negative_indices
-
     from engine.models import build_model  # Wav2Vec2ForPreTraining with the perplexity fix
+    from engine.step import MaskingSpec, PretrainStep
 
     cuda = args.device == "cuda"
     transformers.logging.set_verbosity_error()
@@ -188,28 +186,23 @@ def _train(args, model_name, setting, row, step_times, micro_times) -> float:
         row["after_init_gib"] = round(torch.cuda.memory_allocated() / GIB, 2)
         torch.cuda.reset_peak_memory_stats()
     device = engine.device
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.precision]
     samples = int(args.max_duration * 16000)
     B = setting["micro"]
     lengths = [samples] * B
     if B > 1:
         lengths[-1] = int(samples * 0.9)
-    frames = int(engine.module._get_feat_extract_output_lengths(samples))
-    frame_lengths = [int(engine.module._get_feat_extract_output_lengths(n)) for n in lengths]
     engine.module.set_gumbel_temperature(2.0)
+    # The engine's own step (engine/step.py): masking on the device, and the fast forward unless --hf_forward.
+    step_fn = PretrainStep(engine.module, MaskingSpec(0.65, 10, 2, config.num_negatives, fast_forward=not args.hf_forward),
+                           device, generator=torch.Generator(device=device).manual_seed(0))
 
     def micro_batch():
-        x = torch.randn(B, samples, dtype=dtype)
+        x = torch.randn(B, samples, dtype=torch.float32)
         att = torch.zeros(B, samples, dtype=torch.long)
-        sub_att = np.zeros((B, frames), dtype=bool)
-        for i, (n, f) in enumerate(zip(lengths, frame_lengths)):
+        for i, n in enumerate(lengths):
             att[i, :n] = 1
             x[i, n:] = 0
-            sub_att[i, :f] = True
-        mask = _compute_mask_indices((B, frames), mask_prob=0.65, mask_length=10, attention_mask=torch.tensor(sub_att),
-                                     min_masks=2)
-        neg = _sample_negative_indices((B, frames), config.num_negatives, mask_time_indices=mask)
-        return (x.to(device), att.to(device), torch.tensor(mask, device=device), torch.tensor(neg, device=device))
+        return step_fn.prepare({"input_values": x, "attention_mask": att, "ids": [str(i) for i in range(B)]})
 
     def sync():
         if cuda:
@@ -219,11 +212,10 @@ def _train(args, model_name, setting, row, step_times, micro_times) -> float:
         sync()
         t_step = time.perf_counter()
         for _ in range(setting["accum"]):
-            x, att, mask, neg = micro_batch()
+            inputs = micro_batch()
             sync()
             t_micro = time.perf_counter()
-            out = engine(input_values=x, attention_mask=att, mask_time_indices=mask, sampled_negative_indices=neg)
-            loss = out.loss / mask.sum().clamp_min(1)
+            loss, _ = step_fn.forward(engine, inputs)
             engine.backward(loss)
             engine.step()
             sync()
@@ -271,6 +263,8 @@ def parse_args(argv=None):
                         "128 GiB, but its /proc/meminfo can start low), else MemAvailable")
     p.add_argument("--precision", default="bf16", choices=["bf16", "fp16", "fp32"])
     p.add_argument("--attn", default="sdpa", choices=["sdpa", "eager"])
+    p.add_argument("--hf_forward", action="store_true",
+                   help="time transformers' forward (as runs 3-4 did) instead of the engine's fast forward")
     p.add_argument("--max_duration", type=float, default=20.0, help="seconds per utterance")
     p.add_argument("--seed_batch", type=int, default=2, help="the seed's per-device utterances (large recipe)")
     p.add_argument("--seed_accum", type=int, default=8, help="the seed's gradient accumulation (large recipe)")
