@@ -33,6 +33,12 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def scratch_out(corpus) -> str:
+    """An output dir beside the session's tiny corpus, for tests that build datasets but never train
+    (the data index cache goes to --output_dir; it must not land in the checkout)."""
+    return os.path.join(os.path.dirname(str(corpus)), "scratch-out")
+
+
 def tiny_flags(corpus, out, *extra):
     """Flags of a short CPU run on the tiny corpus with the demo preset."""
     return ["--model_name_or_path", "demo", "--train_dir", str(corpus), "--output_dir", str(out),

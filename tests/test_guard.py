@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from conftest import tiny_flags
+from conftest import tiny_flags, scratch_out
 from engine.args import ArgError, parse_args
 from engine.guard import NonFiniteGuard, TrainingStopped, poison_nonfinite
 from engine.metrics import read_metrics
@@ -33,7 +33,7 @@ def build_engine(corpus_dir, stage, precision, gas=1):
     from engine.trainer import param_groups, setup_distributed
 
     d = setup_distributed()
-    args = parse_args(tiny_flags(corpus_dir, "unused", "--zero_stage", str(stage), "--precision", precision,
+    args = parse_args(tiny_flags(corpus_dir, scratch_out(corpus_dir), "--zero_stage", str(stage), "--precision", precision,
                                  "--per_device_train_batch_size", "2", "--gradient_accumulation_steps", str(gas)))
     config = load_config("demo")
     torch.manual_seed(0)

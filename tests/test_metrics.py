@@ -10,7 +10,7 @@ import pytest
 import torch
 from transformers import Wav2Vec2Config
 
-from conftest import tiny_flags
+from conftest import tiny_flags, scratch_out
 from engine.args import parse_args
 from engine.flops import forward_flops, mfu, peak_flops, train_flops, train_flops_per_audio_second
 from engine.health import CodePerplexityProbe, code_perplexity, default_collapse_threshold
@@ -102,7 +102,7 @@ def test_the_probe_measures_only_when_armed_and_matches_the_eval_perplexity(corp
     """In eval mode transformers' quantizer takes the argmax, so its perplexity is the code perplexity."""
     from engine.data import build_datasets, build_loader
     from engine.step import MaskingSpec, PretrainStep
-    args = parse_args(tiny_flags(corpus_dir, "unused"))
+    args = parse_args(tiny_flags(corpus_dir, scratch_out(corpus_dir)))
     batch = next(iter(build_loader(build_datasets(args, 16000)[0], batch_size=4, shuffle=False, seed=0, epoch=0,
                                    rank=0, world_size=1, num_workers=0, pad_to_multiple_of=None)))
     torch.manual_seed(0)

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from conftest import tiny_flags
+from conftest import tiny_flags, scratch_out
 from engine.args import parse_args
 from engine.metrics import read_metrics
 from engine.trainer import main as train
@@ -46,7 +46,7 @@ def test_step_loss_equals_the_transformers_model_loss(corpus_dir):
     from engine.models import build_model, load_config
     from engine.step import MaskingSpec, PretrainStep
 
-    args = parse_args(tiny_flags(corpus_dir, "unused"))
+    args = parse_args(tiny_flags(corpus_dir, scratch_out(corpus_dir)))
     train_ds, _ = build_datasets(args, 16000)
     batch = next(iter(build_loader(train_ds, batch_size=4, shuffle=False, seed=0, epoch=0, rank=0, world_size=1,
                                    num_workers=0, pad_to_multiple_of=None)))
