@@ -111,8 +111,9 @@ class PretrainStep:
         host_mask = batch["attention_mask"]
         seq_len = conv_output_length(self.config, input_values.shape[-1])
         padded = True
-        if self.fast and host_mask.device.type == "cpu":
-            host_lengths = right_padded_lengths(host_mask)
+        # The CPU batch's lengths, read once on the host (no device sync): the fast path's input and the FLOP count.
+        host_lengths = right_padded_lengths(host_mask) if host_mask.device.type == "cpu" else None
+        if self.fast and host_lengths is not None:
             padded = bool((host_lengths < host_mask.shape[-1]).any())
             sample_lengths = _to_device(host_lengths, self.device)
             attention_mask = None
@@ -129,9 +130,8 @@ class PretrainStep:
         if self.fast and padded and self.attention == "varlen" and attention_mask is None:
             host_frames = self.module._get_feat_extract_output_lengths(host_lengths)
             inputs["packing"] = fastpath.packing_for(host_frames, seq_len, self.device)
-        host_lengths_list = (host_lengths if self.fast and host_mask.device.type == "cpu" else host_mask.sum(-1)).tolist() \
-            if host_mask.device.type == "cpu" else None  # the CPU batch: no device sync
-        inputs["flops"] = train_flops(self.config, host_lengths_list, self.spec.num_negatives) if host_lengths_list else 0.0
+        inputs["flops"] = (train_flops(self.config, host_lengths.tolist(), self.spec.num_negatives)
+                           if host_lengths is not None and len(host_lengths) else 0.0)
         return inputs
 
     def global_sum(self, value: torch.Tensor) -> torch.Tensor:
