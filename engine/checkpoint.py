@@ -161,7 +161,7 @@ def save_checkpoint(engine, output_dir: str, step: int, client_state: dict, *, m
         if write_extra is not None:
             write_extra(tmp)
         _write_atomic(os.path.join(tmp, META_FILE), json.dumps(dict(meta, step=step), indent=1))
-        _fsync_dir(tmp)
+        _fsync_path(tmp)
     if os.environ.get(CRASH_ENV) == str(step):  # test-only: a crash after writing, before the rename
         os._exit(1)
     if _rank() == 0:
@@ -173,7 +173,7 @@ def save_checkpoint(engine, output_dir: str, step: int, client_state: dict, *, m
         else:
             os.replace(tmp, final)
         _write_atomic(os.path.join(root, "latest"), tag)
-        _fsync_dir(root)
+        _fsync_path(root)
         prune(root, keep_last, newest=step)
     barrier()
     return final
@@ -228,20 +228,12 @@ def _fsync_tree(path: str) -> None:
     """Flush what this node wrote under path to disk (kill -9 needs no fsync; a node crash does)."""
     for dirpath, _, files in os.walk(path):
         for name in files:
-            try:
-                fd = os.open(os.path.join(dirpath, name), os.O_RDONLY)
-            except OSError:
-                continue
-            try:
-                os.fsync(fd)
-            except OSError:
-                pass
-            finally:
-                os.close(fd)
-        _fsync_dir(dirpath)
+            _fsync_path(os.path.join(dirpath, name))
+        _fsync_path(dirpath)
 
 
-def _fsync_dir(path: str) -> None:
+def _fsync_path(path: str) -> None:
+    """fsync one file or directory; best effort (some filesystems refuse fsync on directories)."""
     try:
         fd = os.open(path, os.O_RDONLY)
     except OSError:
