@@ -46,3 +46,12 @@ def tiny_flags(corpus, out, *extra):
             "--per_device_train_batch_size", "4", "--min_duration_in_seconds", "1", "--max_duration_in_seconds", "3",
             "--validation_split_percentage", "0", "--num_warmup_steps", "2", "--lr_scheduler_type", "linear",
             "--dataloader_num_workers", "0", *extra]
+
+
+def first_batch(corpus, batch_size: int = 4) -> dict:
+    """The first unshuffled batch of the tiny corpus, through the real data pipeline."""
+    from engine.args import parse_args
+    from engine.data import build_datasets, build_loader
+    train_ds, _ = build_datasets(parse_args(tiny_flags(corpus, scratch_out(corpus))), 16000)
+    return next(iter(build_loader(train_ds, batch_size=batch_size, shuffle=False, seed=0, epoch=0, rank=0,
+                                  world_size=1, num_workers=0, pad_to_multiple_of=None)))

@@ -9,7 +9,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from transformers import Wav2Vec2Config, Wav2Vec2ForPreTraining
 
-from conftest import tiny_flags, scratch_out
+from conftest import first_batch, tiny_flags
 from engine import fastpath
 from engine.args import parse_args
 from engine.masking import compute_span_mask, sample_negatives
@@ -183,11 +183,7 @@ def test_right_padded_lengths():
 
 
 def test_step_loss_is_the_same_on_both_paths(corpus_dir):
-    from engine.data import build_datasets, build_loader
-    args = parse_args(tiny_flags(corpus_dir, scratch_out(corpus_dir)))
-    train_ds, _ = build_datasets(args, 16000)
-    batch = next(iter(build_loader(train_ds, batch_size=4, shuffle=False, seed=0, epoch=0, rank=0, world_size=1,
-                                   num_workers=0, pad_to_multiple_of=None)))
+    batch = first_batch(corpus_dir)
     torch.manual_seed(0)
     model = apply_perplexity_fix(Wav2Vec2ForPreTraining(_config("large"))).train()
     results = []

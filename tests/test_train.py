@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from conftest import tiny_flags, scratch_out
+from conftest import first_batch, tiny_flags
 from engine.args import parse_args
 from engine.metrics import read_metrics
 from engine.trainer import main as train
@@ -42,14 +42,10 @@ def test_saved_model_loads_for_pretraining_and_ctc(corpus_dir, tmp_path):
 def test_step_loss_equals_the_transformers_model_loss(corpus_dir):
     """Our step's per-frame loss is the HF model's summed loss over the masked frames (fp32, 1e-5)."""
     from transformers import Wav2Vec2ForPreTraining
-    from engine.data import build_datasets, build_loader
     from engine.models import build_model, load_config
     from engine.step import MaskingSpec, PretrainStep
 
-    args = parse_args(tiny_flags(corpus_dir, scratch_out(corpus_dir)))
-    train_ds, _ = build_datasets(args, 16000)
-    batch = next(iter(build_loader(train_ds, batch_size=4, shuffle=False, seed=0, epoch=0, rank=0, world_size=1,
-                                   num_workers=0, pad_to_multiple_of=None)))
+    batch = first_batch(corpus_dir)
     torch.manual_seed(0)
     ours = build_model(load_config("demo")).eval()
     reference = Wav2Vec2ForPreTraining(load_config("demo")).eval()
