@@ -21,7 +21,7 @@ Rows are model x variant; every variant runs on the same synthetic LibriSpeech-l
         collated (and pinned) before timing: the data loader is benchmarked separately by bench/data.py.
 
 Variants are names, optionally with overrides: `ours:compile=layers:seconds=600`. Keys (ours): fast (0/1),
-attention (sdpa|sdpa-cudnn|eager|varlen), compile (none|layers|full), batch (budget|crop|fixed), seconds,
+attention (sdpa|sdpa-cudnn|eager|varlen), compile (none|layers|full), conv (gemm|cudnn), pos (fft|cudnn), batch (budget|crop|fixed), seconds,
 utts (fixed batch size), zero (0-3), gc (0/1), cudnn (cudnn.benchmark 0/1), pad (pad lengths to a multiple of
 this many samples), attn_dropout (override the config's), hf_attn (transformers' attention for fast=0: sdpa|
 eager). Keys (seed): gc, utts, hf_attn, precision (bf16|fp32). `--list` prints the named variants.
@@ -63,6 +63,9 @@ VARIANTS = {
     "ours-compile-full": dict(kind="ours", compile="full"),
     "ours-eager-attn": dict(kind="ours", attention="eager"),
     "ours-cudnn-attn": dict(kind="ours", attention="sdpa-cudnn"),
+    "ours-cudnn-convs": dict(kind="ours", conv="cudnn", pos="cudnn"),   # the convolutions of run 2-3
+    "ours-crop-cudnn-convs": dict(kind="ours", batch="crop", conv="cudnn", pos="cudnn"),
+    "ours-crop-compile-cudnn-convs": dict(kind="ours", batch="crop", compile="layers", conv="cudnn", pos="cudnn"),
     "ours-nodrop": dict(kind="ours", attn_dropout=0.0),          # the baseline of ours-varlen
     "ours-varlen": dict(kind="ours", attention="varlen", attn_dropout=0.0),
     "ours-crop": dict(kind="ours", batch="crop"),                # fairseq-style: crop to the batch's shortest
@@ -73,7 +76,7 @@ VARIANTS = {
     "ours-cudnn-bench": dict(kind="ours", cudnn=1, pad=4000),
 }
 SEED_DEFAULTS = dict(gc=1, utts=8, hf_attn=None, precision="bf16", batch="fixed")
-OURS_DEFAULTS = dict(fast=1, attention="sdpa", compile="none", batch="budget", seconds=None, utts=8, zero=2,
+OURS_DEFAULTS = dict(fast=1, attention="sdpa", compile="none", conv="gemm", pos="fft", batch="budget", seconds=None, utts=8, zero=2,
                      gc=0, cudnn=0, pad=None, attn_dropout=None, hf_attn="sdpa", precision="bf16")
 DEFAULT_SECONDS = {"base": 400.0, "large": 300.0, "demo": 16.0}
 TINY_VARIANTS = "seed,ours-hf,ours,ours-eager-attn,ours-varlen,ours-crop,ours-fixed8,ours-zero0"
@@ -265,7 +268,8 @@ def ours_runner(name, settings, device, batches):
     engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=param_groups(model, 0.0), config=ds_cfg)
     spec = MaskingSpec(config.mask_time_prob, config.mask_time_length, 0, config.num_negatives,
                        fast_forward=bool(settings["fast"]), attention=settings["attention"],
-                       torch_compile=settings["compile"])
+                       torch_compile=settings["compile"], conv_impl=settings["conv"],
+                       pos_conv_impl=settings["pos"])
     gen = torch.Generator(device=device).manual_seed(0)
     step_fn = PretrainStep(engine.module, spec, device, generator=gen)
     window = StatsWindow()

@@ -137,6 +137,12 @@ def build_parser() -> argparse.ArgumentParser:
       help="Attention of the fast forward: sdpa (flash when a batch has no padding, else a key-padding mask), "
            "sdpa-cudnn (cuDNN attention first), eager, or varlen (padded batches packed to their real frames; "
            "flash varlen, torch>=2.10 on CUDA; needs attention_dropout 0 to apply in training).")
+    o("--conv_impl", type=str, default="gemm", choices=["gemm", "cudnn"],
+      help="Feature encoder convolutions of the fast forward: gemm (one matrix multiplication per layer on "
+           "channels-last activations, engine/convs.py) or cudnn (transformers' Conv1d modules). Same function.")
+    o("--pos_conv_impl", type=str, default="fft", choices=["fft", "cudnn"],
+      help="Positional convolution (kernel 128, 16 groups) of the fast forward: fft (fp32, through the "
+           "frequency domain, engine/convs.py) or cudnn (transformers' grouped Conv1d). Same function.")
     o("--torch_compile", nargs="?", const="layers", default="none", choices=["none", "layers", "full"],
       help="torch.compile the fast forward: 'layers' (the conv encoder and one graph shared by all transformer "
            "layers; the default when the flag is bare) or 'full' (the whole forward). Not under ZeRO-3.")

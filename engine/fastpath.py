@@ -49,6 +49,8 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 from transformers.models.wav2vec2.modeling_wav2vec2 import Wav2Vec2ForPreTrainingOutput
 
+from engine import convs
+
 ATTENTION_MODES = ("sdpa", "sdpa-cudnn", "eager", "varlen")
 COMPILE_SCOPES = ("none", "layers", "full")
 
@@ -70,6 +72,8 @@ class FastPathArgs:
     frame_lengths: torch.Tensor | None = None
     packing: Packing | None = None
     compile: str = "none"
+    conv: str = "cudnn"          # feature encoder: cudnn (transformers' Conv1d) | gemm (engine/convs.py)
+    pos_conv: str = "cudnn"      # positional convolution: cudnn | fft (engine/convs.py)
 
 
 def unsupported_reason(config) -> str | None:
@@ -115,6 +119,7 @@ def _dispatch_forward(self, *args, fast_path: FastPathArgs | None = None, **kwar
 
 def install(model) -> None:
     """Let `model(..., fast_path=FastPathArgs(...))` run the fast forward (idempotent, instance-only)."""
+    convs.install(model)
     if not getattr(model, "_fast_path_installed", False):
         model.forward = types.MethodType(_dispatch_forward, model)
         model._fast_path_installed = True
@@ -216,7 +221,10 @@ def _eager(module, h, compiling: bool):
 def _encoder(enc, h, frame_mask, args: FastPathArgs, stable: bool):
     if frame_mask is not None:                      # HF: hidden_states[~mask] = 0 (a sync); same values
         h = h.masked_fill(~frame_mask[..., None], 0.0)
-    h = h + _eager(enc.pos_conv_embed, h, args.compile == "full")
+    if args.pos_conv == "cudnn":
+        h = h + _eager(enc.pos_conv_embed, h, args.compile == "full")
+    else:
+        h = h + enc.pos_conv_embed(h, impl=args.pos_conv)
     if not stable:
         h = enc.layer_norm(h)
     h = enc.dropout(h)
@@ -257,19 +265,33 @@ def _norm_act(layer, h):
     return layer.activation(h)
 
 
-def feature_encoder(model, input_values, compiled: bool = False):
+def feature_encoder(model, input_values, compiled: bool = False, impl: str = "cudnn"):
     """The conv feature encoder, layer by layer (no requires_grad forced on the audio, unlike HF's forward).
 
-    compiled: convolutions stay eager (cuDNN) and only the memory-bound norm + GELU after each is compiled
-    (one fused kernel per layer). Compiling through a strided conv makes inductor guard on the exact output
-    length (`((S // 80 - 3) // 2) == 177`), i.e. one recompilation per distinct input length."""
-    h = input_values[:, None]
+    impl "cudnn": transformers' Conv1d modules, [B, C, L] activations; "gemm": engine/convs.py's
+    channels-last matrix-multiplication form, [B, L, C] activations from the audio on.
+    compiled: convolutions stay eager (cuDNN / cuBLAS) and only the memory-bound norm + GELU after each is
+    compiled (one fused kernel per layer). Compiling through a strided conv makes inductor guard on the exact
+    output length (`((S // 80 - 3) // 2) == 177`), i.e. one recompilation per distinct input length."""
+    gemm = impl == "gemm"
+    h = input_values[:, :, None] if gemm else input_values[:, None]
+    norm_act = convs.norm_act_channels_last if gemm else _norm_act
+    if compiled:
+        norm_act = _compiled_fn(norm_act, "norm_act_cl" if gemm else "norm_act")
     for layer in model.wav2vec2.feature_extractor.conv_layers:
-        if compiled and not (getattr(layer, "gradient_checkpointing", False) and layer.training):
-            h = _compiled_fn(_norm_act, "norm_act")(layer, layer.conv(h))
+        checkpointed = getattr(layer, "gradient_checkpointing", False) and layer.training and torch.is_grad_enabled()
+        if gemm:
+            h = (checkpoint(_gemm_layer, layer, h, norm_act, use_reentrant=False) if checkpointed
+                 else _gemm_layer(layer, h, norm_act))
+        elif compiled and not checkpointed:
+            h = norm_act(layer, layer.conv(h))
         else:
             h = layer(h)
-    return h.transpose(1, 2)
+    return h if gemm else h.transpose(1, 2)
+
+
+def _gemm_layer(layer, h, norm_act):
+    return norm_act(layer, layer.conv(h, impl="gemm"))
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -331,7 +353,7 @@ def pretraining_forward(model, input_values, attention_mask=None, mask_time_indi
     args = args or FastPathArgs()
     if args.compile == "full" and args.attention == "varlen":
         args = dataclasses.replace(args, compile="layers")   # see _encoder: varlen layers stay eager
-    features = feature_encoder(model, input_values, compiled=args.compile != "none")
+    features = feature_encoder(model, input_values, compiled=args.compile != "none", impl=args.conv)
     lengths = args.frame_lengths
     if lengths is None and attention_mask is not None:
         lengths = model._get_feat_extract_output_lengths(attention_mask.sum(-1))

@@ -39,6 +39,8 @@ class MaskingSpec:
     fast_forward: bool = True       # engine/fastpath.py instead of transformers' forward (same losses)
     attention: str = "sdpa"         # fast path attention: sdpa | sdpa-cudnn | eager | varlen
     torch_compile: str = "none"     # none | layers | full
+    conv_impl: str = "gemm"         # feature encoder of the fast path: gemm | cudnn (engine/convs.py)
+    pos_conv_impl: str = "fft"      # positional convolution of the fast path: fft | cudnn
 
     @classmethod
     def from_args(cls, args, config) -> "MaskingSpec":
@@ -50,7 +52,9 @@ class MaskingSpec:
                    num_negatives=pick(args.num_negatives, config.num_negatives),
                    fast_forward=getattr(args, "fast_forward", True),
                    attention=getattr(args, "fast_attention", "sdpa"),
-                   torch_compile=getattr(args, "torch_compile", "none") or "none")
+                   torch_compile=getattr(args, "torch_compile", "none") or "none",
+                   conv_impl=getattr(args, "conv_impl", "gemm"),
+                   pos_conv_impl=getattr(args, "pos_conv_impl", "fft"))
 
 
 _warned: set = set()
@@ -151,7 +155,8 @@ class PretrainStep:
             padded = inputs.get("padded", True)
             args = fastpath.FastPathArgs(attention=self.attention, compile=self.compile,
                                          frame_lengths=inputs["frame_lengths"] if padded else None,
-                                         packing=inputs.get("packing"))
+                                         packing=inputs.get("packing"), conv=self.spec.conv_impl,
+                                         pos_conv=self.spec.pos_conv_impl)
             out = model(input_values=inputs["input_values"], attention_mask=None,
                         mask_time_indices=inputs["mask_time_indices"],
                         sampled_negative_indices=inputs["sampled_negative_indices"], fast_path=args)

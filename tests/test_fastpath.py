@@ -53,13 +53,13 @@ def _batch(model, padded: bool, seed: int = 1, num_negatives: int = 20):
     return x, (am if padded else None), lengths, mask, neg
 
 
-def _run_both(reference, ours, batch, attention="sdpa", host_lengths=None):
+def _run_both(reference, ours, batch, attention="sdpa", host_lengths=None, **fast_kw):
     x, am, lengths, mask, neg = batch
     packing = None
     if attention == "varlen" and am is not None:
         packing = fastpath.packing_for(lengths, mask.shape[1], torch.device("cpu"))
     outs = []
-    fast_args = fastpath.FastPathArgs(attention, lengths if am is not None else None, packing)
+    fast_args = fastpath.FastPathArgs(attention, lengths if am is not None else None, packing, **fast_kw)
     for model, fast in ((reference, None), (ours, fast_args)):
         model.zero_grad()
         torch.manual_seed(123)  # the gumbel noise: both forwards draw it in the same call, same shape
