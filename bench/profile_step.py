@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
+import time
 import sys
 
 import torch
@@ -129,18 +130,23 @@ def profile_variant(spec: str, args) -> None:
     raw = tp.make_batches(audio, settings, n, args.model, False)
     step, config, close, _ = tp.ours_runner(args.model, settings, torch.device("cuda"), raw)
     batches = [tp.collate(b, settings.get("pad"), True) for b in raw]
-    for b in batches[:args.warmup]:
+    for b in batches:                                   # warm-up, then every profiled batch once (warm shapes)
         step(b)
     torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+    acts = [ProfilerActivity.CUDA] + ([ProfilerActivity.CPU] if args.cpu else [])
+    t0 = time.perf_counter()
+    with profile(activities=acts) as prof:
         for b in batches[args.warmup:]:
             step(b)
         torch.cuda.synchronize()
+    wall = (time.perf_counter() - t0) * 1e3 / args.steps
     audio_s = sum(len(u) for b in raw[args.warmup:] for u in b) / SR
-    events = [e for e in prof.key_averages() if e.device_time_total > 0]
+    averages = prof.key_averages()
+    events = [e for e in averages if e.device_type.name == "CUDA" or
+              (e.self_device_time_total > 0 and e.self_cpu_time_total == 0)]
     total = sum(e.self_device_time_total for e in events) / 1e3 / args.steps
     print(f"\nprofile: {args.model} {spec}: {args.steps} steps, {audio_s / args.steps:.0f} audio-s/step, "
-          f"kernel time {total:.1f} ms/step (sum over kernels)")
+          f"kernel time {total:.1f} ms/step (sum over kernels), wall {wall:.1f} ms/step (profiled)")
     fam: dict[str, float] = {}
     for e in events:
         key = e.key.lower()
@@ -151,9 +157,53 @@ def profile_variant(spec: str, args) -> None:
     print("  top kernels (ms/step, calls/step):")
     for e in sorted(events, key=lambda e: -e.self_device_time_total)[:args.top]:
         print(f"  {e.self_device_time_total / 1e3 / args.steps:8.2f} {e.count / args.steps:6.0f}  {e.key[:110]}")
+    if args.cpu:
+        idle_report(prof, args.steps)
+        host = [e for e in averages if e.self_cpu_time_total > 0]
+        print("  host: top ops by self CPU time (ms/step, calls/step):")
+        for e in sorted(host, key=lambda e: -e.self_cpu_time_total)[:args.top]:
+            print(f"  {e.self_cpu_time_total / 1e3 / args.steps:8.2f} {e.count / args.steps:6.0f}  {e.key[:110]}")
+        sync = [e for e in host if "Synchronize" in e.key or "Memcpy" in e.key or "item" in e.key
+                or "local_scalar" in e.key or "nonzero" in e.key]
+        print("  host: syncs and copies:")
+        for e in sync:
+            print(f"  {e.self_cpu_time_total / 1e3 / args.steps:8.2f} {e.count / args.steps:6.0f}  {e.key[:110]}")
     close()
     torch._dynamo.reset()
     torch.cuda.empty_cache()
+
+
+def idle_report(prof, steps: int) -> None:
+    """GPU idle time (no kernel running) and which named host range (bench/throughput.py's step: prepare,
+    forward, backward, optimizer) the host was in when each idle gap began."""
+    import json
+    import tempfile
+    with tempfile.NamedTemporaryFile(suffix=".json") as fh:
+        prof.export_chrome_trace(fh.name)
+        trace = json.load(open(fh.name))["traceEvents"]
+    kernels = sorted((e["ts"], e["ts"] + e.get("dur", 0)) for e in trace
+                     if e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset"))
+    ranges = [(e["ts"], e["ts"] + e.get("dur", 0), e["name"]) for e in trace
+              if e.get("cat") == "user_annotation" and e["name"] in ("prepare", "forward", "backward", "optimizer")]
+    if not kernels:
+        print("  idle: no kernels in the trace")
+        return
+    gaps, end = [], kernels[0][1]
+    for a, b in kernels[1:]:
+        if a > end:
+            gaps.append((end, a))
+        end = max(end, b)
+    span = end - kernels[0][0]
+    by_range: dict[str, float] = {}
+    for a, b in gaps:
+        name = next((n for s0, s1, n in ranges if s0 <= a < s1), "outside")
+        by_range[name] = by_range.get(name, 0.0) + (b - a)
+    idle = sum(b - a for a, b in gaps)
+    print(f"  GPU idle {idle / 1e3 / steps:.1f} ms/step of {span / 1e3 / steps:.1f} ms/step "
+          f"({len(gaps) / steps:.0f} gaps/step); idle by host range: " +
+          ", ".join(f"{k} {v / 1e3 / steps:.1f} ms" for k, v in sorted(by_range.items(), key=lambda kv: -kv[1])))
+    big = sorted(gaps, key=lambda g: g[0] - g[1])[:5]
+    print("  largest gaps (ms): " + ", ".join(f"{(b - a) / 1e3:.2f}" for a, b in big))
 
 
 def main():
@@ -167,6 +217,7 @@ def main():
     p.add_argument("--warmup", type=int, default=4)
     p.add_argument("--top", type=int, default=25)
     p.add_argument("--skip_components", action="store_true")
+    p.add_argument("--cpu", action="store_true", help="also profile the host: top CPU ops, syncs")
     args = p.parse_args()
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     from engine.trainer import setup_distributed

@@ -21,7 +21,8 @@ Rows are model x variant; every variant runs on the same synthetic LibriSpeech-l
         collated (and pinned) before timing: the data loader is benchmarked separately by bench/data.py.
 
 Variants are names, optionally with overrides: `ours:compile=layers:seconds=600`. Keys (ours): fast (0/1),
-attention (sdpa|sdpa-cudnn|eager|varlen), compile (none|layers|full), conv (gemm|cudnn), pos (fft|cudnn), batch (budget|crop|fixed), seconds,
+attention (sdpa|sdpa-flash|sdpa-cudnn|eager|varlen), compile (none|layers|full), conv (cudnn-cl|gemm|cudnn),
+pos (fft|cudnn), batch (budget|crop|fixed), seconds,
 utts (fixed batch size), zero (0-3), gc (0/1), cudnn (cudnn.benchmark 0/1), pad (pad lengths to a multiple of
 this many samples), attn_dropout (override the config's), hf_attn (transformers' attention for fast=0: sdpa|
 eager). Keys (seed): gc, utts, hf_attn, precision (bf16|fp32). `--list` prints the named variants.
@@ -278,11 +279,17 @@ def ours_runner(name, settings, device, batches):
     engine.train()
     state = {"completed": 0}
 
+    from torch.profiler import record_function   # named ranges for bench/profile_step.py (no cost unprofiled)
+
     def step(batch):
-        inputs = step_fn.prepare(batch)
-        loss, stats = step_fn.forward(engine, inputs)
-        engine.backward(loss)
-        engine.step()
+        with record_function("prepare"):
+            inputs = step_fn.prepare(batch)
+        with record_function("forward"):
+            loss, stats = step_fn.forward(engine, inputs)
+        with record_function("backward"):
+            engine.backward(loss)
+        with record_function("optimizer"):
+            engine.step()
         window.add(stats)                      # device tensors; the trainer reads them at logging steps only
         state["completed"] += 1
         engine.module.set_gumbel_temperature(max(2.0 * 0.999995 ** state["completed"], 0.5))
@@ -360,12 +367,12 @@ def run_row(model_name, spec, settings, args, device, audio_seed):
     row["setup_s"] = time.perf_counter() - t_setup
     try:
         t_warm = time.perf_counter()
-        for b in batches[:args.warmup]:
+        timed = batches[args.warmup:]
+        for b in batches[:args.warmup] + (timed if args.warm_shapes else []):
             step(b)
         if is_cuda:
             torch.cuda.synchronize()
         row["warmup_s"] = time.perf_counter() - t_warm
-        timed = batches[args.warmup:]
         marks = []
         if is_cuda:
             events = [torch.cuda.Event(enable_timing=True) for _ in range(len(timed) + 1)]
@@ -458,6 +465,11 @@ def main(argv=None):
                    help="ours: padded audio seconds per batch (default base 400, large 300); a variant's "
                         "seconds= wins")
     p.add_argument("--compile", action="store_true", help="add compile=layers to every ours variant")
+    p.add_argument("--warm_shapes", action=argparse.BooleanOptionalAction, default=True,
+                   help="before timing, run every timed batch once: the steady state of a long run, where each batch "
+                        "shape has been seen (cuDNN execution plans, cuFFT plans and compiled graphs are built per "
+                        "new shape on the host, ~0.1 s each; a run has a bounded set of shapes). --no-warm_shapes "
+                        "times first sight of each shape.")
     p.add_argument("--check_compiled", action="store_true",
                    help="run the loss check through the compiled path too (one more compilation per row)")
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda if available)")
@@ -495,7 +507,7 @@ def main(argv=None):
     import transformers
     meta = {"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu", "torch": torch.__version__,
             "transformers": transformers.__version__, "peak_tflops": args.peak_tflops, "steps": args.steps,
-            "warmup": args.warmup, "lengths_s": args.lengths, "argv": sys.argv[1:]}
+            "warmup": args.warmup, "warm_shapes": args.warm_shapes, "lengths_s": args.lengths, "argv": sys.argv[1:]}
     from engine.models import load_config
     for m in models:
         cfg = load_config(m)
@@ -529,7 +541,7 @@ def main(argv=None):
                     json.dump({"meta": meta, "rows": rows}, fh, indent=1)
     print()
     print(f"{meta['device']} | torch {meta['torch']} | transformers {meta['transformers']} | "
-          f"{args.warmup} warm-up + {args.steps} timed steps | lengths {args.lengths[0]:g}-{args.lengths[1]:g} s, "
+          f"{args.warmup} warm-up + {args.steps} timed steps{' (shapes warmed)' if args.warm_shapes else ''} | lengths {args.lengths[0]:g}-{args.lengths[1]:g} s, "
           f"mean ~{args.lengths[2]:g} s | " + ", ".join(f"{m}: {meta[f'gflop_per_audio_s_{m}_12s']:.1f} GFLOP/audio-s"
                                                           for m in models))
     print(fmt_table(rows, args.peak_tflops), flush=True)

@@ -133,13 +133,14 @@ def build_parser() -> argparse.ArgumentParser:
     o("--fast_forward", action=argparse.BooleanOptionalAction, default=True,
       help="Our sync-free pre-training forward (engine/fastpath.py: same losses and gradients as transformers', "
            "on the same modules and parameters); --no-fast_forward runs transformers' forward.")
-    o("--fast_attention", type=str, default="sdpa", choices=["sdpa", "sdpa-cudnn", "eager", "varlen"],
+    o("--fast_attention", type=str, default="sdpa", choices=["sdpa", "sdpa-flash", "sdpa-cudnn", "eager", "varlen"],
       help="Attention of the fast forward: sdpa (flash when a batch has no padding, else a key-padding mask), "
-           "sdpa-cudnn (cuDNN attention first), eager, or varlen (padded batches packed to their real frames; "
+           "sdpa-flash / sdpa-cudnn (flash / cuDNN attention first), eager, or varlen (padded batches packed to their real frames; "
            "flash varlen, torch>=2.10 on CUDA; needs attention_dropout 0 to apply in training).")
-    o("--conv_impl", type=str, default="gemm", choices=["gemm", "cudnn"],
-      help="Feature encoder convolutions of the fast forward: gemm (one matrix multiplication per layer on "
-           "channels-last activations, engine/convs.py) or cudnn (transformers' Conv1d modules). Same function.")
+    o("--conv_impl", type=str, default="gemm", choices=["cudnn-cl", "gemm", "cudnn"],
+      help="Feature encoder convolutions of the fast forward, all the same function: cudnn-cl (cuDNN on "
+           "channels-last activations), gemm (one matrix multiplication per layer, channels-last; "
+           "engine/convs.py) or cudnn (transformers' Conv1d modules).")
     o("--pos_conv_impl", type=str, default="fft", choices=["fft", "cudnn"],
       help="Positional convolution (kernel 128, 16 groups) of the fast forward: fft (fp32, through the "
            "frequency domain, engine/convs.py) or cudnn (transformers' grouped Conv1d). Same function.")

@@ -7,6 +7,8 @@ Both are plain torch (autograd gives the backward) and compute the same function
     The windows of a kernel-k, stride-s convolution are `x.unfold(time, k, s)` (a copy of 1.5x the input for
     k=3, s=2; a free reshape when k == s), multiplied by the weight reshaped to [C_out, C_in * k]. The
     activations stay [B, time, channels] from the audio to the feature projection, so no transposes either.
+  * feature encoder, `cudnn-cl`: the same channels-last activations, each Conv1d run as a cuDNN conv2d on an
+    NHWC view ([B, C, 1, L] with channel stride 1): cuDNN's NHWC kernels without its NCHW<->NHWC conversions.
   * positional convolution, `fft`: the grouped Conv1d (kernel 128, 16 groups, "same" padding) as a product in
     the frequency domain, in fp32: rFFT over time, one small complex matrix product per (frequency, group),
     inverse rFFT. ~20x fewer FLOPs than the direct convolution, and more accurate than a bf16 one.
@@ -23,7 +25,7 @@ import types
 import torch
 import torch.nn.functional as F
 
-CONV_IMPLS = ("gemm", "cudnn")
+CONV_IMPLS = ("cudnn-cl", "gemm", "cudnn")
 POS_CONV_IMPLS = ("fft", "cudnn")
 
 
@@ -46,12 +48,28 @@ def conv_gemm(conv: torch.nn.Conv1d, x: torch.Tensor) -> torch.Tensor:
     return F.linear(cols, w.to(x.dtype), None if conv.bias is None else conv.bias.to(x.dtype))
 
 
+def conv_channels_last(conv: torch.nn.Conv1d, x: torch.Tensor) -> torch.Tensor:
+    """conv(x) for channels-last x: [B, L, C_in] -> [B, L_out, C_out], as a cuDNN conv2d on an NHWC view
+    ([B, C, 1, L] with channel stride 1), so that cuDNN's NHWC kernels run without layout conversions."""
+    x4 = x.transpose(1, 2).unsqueeze(2)                           # [B, C, 1, L], channels-last strides
+    w4 = conv.weight.to(x.dtype).unsqueeze(2).contiguous(memory_format=torch.channels_last)
+    bias = None if conv.bias is None else conv.bias.to(x.dtype)
+    y = F.conv2d(x4, w4, bias, stride=(1, conv.stride[0]))
+    return y.squeeze(2).transpose(1, 2)                           # [B, L_out, C_out] (contiguous if NHWC)
+
+
 def norm_act_channels_last(layer, h: torch.Tensor) -> torch.Tensor:
     """What an HF conv layer does after its convolution, on channels-last h: [B, L, C]: group norm (base
-    family: statistics over time, through a transposed view) or layer norm over channels, then GELU."""
+    family: one group per channel, fp32 statistics over time) or layer norm over channels, then GELU."""
     norm = getattr(layer, "layer_norm", None)
     if isinstance(norm, torch.nn.GroupNorm):
-        h = norm(h.transpose(1, 2)).transpose(1, 2)
+        if norm.num_groups != norm.num_channels:
+            raise NotImplementedError("group norm with several channels per group")
+        acc = torch.promote_types(h.dtype, torch.float32)       # fp32 statistics for bf16, as GroupNorm
+        x = h.to(acc)
+        var, mean = torch.var_mean(x, dim=1, keepdim=True, correction=0)
+        y = (x - mean) * torch.rsqrt(var + norm.eps) * norm.weight.to(acc) + norm.bias.to(acc)
+        h = y.to(h.dtype)
     elif norm is not None:
         h = norm(h)
     return layer.activation(h)
@@ -105,6 +123,8 @@ def pos_conv_fft(module, h: torch.Tensor) -> torch.Tensor:
 def _conv_dispatch(self, x, impl: str | None = None):
     if impl is None:
         return type(self).forward(self, x)
+    if impl == "cudnn-cl":
+        return conv_channels_last(self, x)
     if impl != "gemm":
         raise ValueError(f"unknown conv impl {impl!r}")
     return conv_gemm(self, x)

@@ -18,8 +18,8 @@ feed-forwards, layer norms, quantizer projection, project_hid/project_q), so sta
   * mask insertion and padding zeroing: `torch.where`;
   * encoder layers: the same residual/normalisation order as HF, with our own attention call
     (`sdpa`: `F.scaled_dot_product_attention` with no mask when the batch has no padding, so that flash
-    attention runs, else a broadcast key-padding mask; `sdpa-cudnn`: the same, trying cuDNN attention
-    first; `eager`: matmul-softmax-matmul; `varlen`: the padded batch is packed once into its real frames
+    attention runs, else a broadcast key-padding mask; `sdpa-cudnn` / `sdpa-flash`: the same, trying cuDNN /
+    flash attention first; `eager`: matmul-softmax-matmul; `varlen`: the padded batch is packed once into its real frames
     and every layer runs on them, attention through flash varlen attention);
   * quantizer lookup: one batched matmul (`einsum`), bitwise equal to HF's broadcast-and-sum;
   * contrastive logits: cosine similarities of each utterance's predictions with all its targets
@@ -51,7 +51,7 @@ from transformers.models.wav2vec2.modeling_wav2vec2 import Wav2Vec2ForPreTrainin
 
 from engine import convs
 
-ATTENTION_MODES = ("sdpa", "sdpa-cudnn", "eager", "varlen")
+ATTENTION_MODES = ("sdpa", "sdpa-flash", "sdpa-cudnn", "eager", "varlen")
 COMPILE_SCOPES = ("none", "layers", "full")
 
 
@@ -72,7 +72,7 @@ class FastPathArgs:
     frame_lengths: torch.Tensor | None = None
     packing: Packing | None = None
     compile: str = "none"
-    conv: str = "cudnn"          # feature encoder: cudnn (transformers' Conv1d) | gemm (engine/convs.py)
+    conv: str = "cudnn"          # feature encoder: cudnn (transformers' Conv1d) | cudnn-cl | gemm (engine/convs.py)
     pos_conv: str = "cudnn"      # positional convolution: cudnn | fft (engine/convs.py)
 
 
@@ -141,6 +141,15 @@ def is_zero3(model) -> bool:
 # encoder
 
 
+def sdpa_kernel_order(mode: str):
+    """A context that makes sdpa try cuDNN attention (sdpa-cudnn) or flash attention (sdpa-flash) first.
+    cuDNN attention builds an execution graph per new shape on the host (~0.1 s); flash has no such cost."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    first = SDPBackend.CUDNN_ATTENTION if mode == "sdpa-cudnn" else SDPBackend.FLASH_ATTENTION
+    rest = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.CUDNN_ATTENTION, SDPBackend.MATH]
+    return sdpa_kernel([first] + [b for b in rest if b != first], set_priority=True)
+
+
 def _attention(attn, x, mode: str, key_mask, packing):
     """x: [B, T, E] (or [N, E] packed). key_mask: BoolTensor[B, T] (True = real frame) or None."""
     heads, head_dim = attn.num_heads, attn.head_dim
@@ -167,11 +176,8 @@ def _attention(attn, x, mode: str, key_mask, packing):
                 w = w.masked_fill(~mask, torch.finfo(w.dtype).min)
             w = F.dropout(w.softmax(-1), p=p, training=attn.training)
             o = torch.matmul(w, v)
-        elif mode == "sdpa-cudnn":
-            from torch.nn.attention import SDPBackend, sdpa_kernel
-            order = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION,
-                     SDPBackend.MATH]
-            with sdpa_kernel(order, set_priority=True):
+        elif mode in ("sdpa-cudnn", "sdpa-flash"):
+            with sdpa_kernel_order(mode):
                 o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p, scale=attn.scaling)
         else:
             o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p, scale=attn.scaling)
@@ -268,12 +274,12 @@ def _norm_act(layer, h):
 def feature_encoder(model, input_values, compiled: bool = False, impl: str = "cudnn"):
     """The conv feature encoder, layer by layer (no requires_grad forced on the audio, unlike HF's forward).
 
-    impl "cudnn": transformers' Conv1d modules, [B, C, L] activations; "gemm": engine/convs.py's
-    channels-last matrix-multiplication form, [B, L, C] activations from the audio on.
+    impl "cudnn": transformers' Conv1d modules, [B, C, L] activations; "cudnn-cl" / "gemm": engine/convs.py's
+    channels-last forms (cuDNN NHWC conv2d / one matrix multiplication), [B, L, C] activations from the audio on.
     compiled: convolutions stay eager (cuDNN / cuBLAS) and only the memory-bound norm + GELU after each is
     compiled (one fused kernel per layer). Compiling through a strided conv makes inductor guard on the exact
     output length (`((S // 80 - 3) // 2) == 177`), i.e. one recompilation per distinct input length."""
-    gemm = impl == "gemm"
+    gemm = impl in ("gemm", "cudnn-cl")                 # channels-last activations
     h = input_values[:, :, None] if gemm else input_values[:, None]
     norm_act = convs.norm_act_channels_last if gemm else _norm_act
     if compiled:
@@ -281,8 +287,8 @@ def feature_encoder(model, input_values, compiled: bool = False, impl: str = "cu
     for layer in model.wav2vec2.feature_extractor.conv_layers:
         checkpointed = getattr(layer, "gradient_checkpointing", False) and layer.training and torch.is_grad_enabled()
         if gemm:
-            h = (checkpoint(_gemm_layer, layer, h, norm_act, use_reentrant=False) if checkpointed
-                 else _gemm_layer(layer, h, norm_act))
+            h = (checkpoint(_channels_last_layer, layer, h, impl, norm_act, use_reentrant=False) if checkpointed
+                 else _channels_last_layer(layer, h, impl, norm_act))
         elif compiled and not checkpointed:
             h = norm_act(layer, layer.conv(h))
         else:
@@ -290,8 +296,8 @@ def feature_encoder(model, input_values, compiled: bool = False, impl: str = "cu
     return h if gemm else h.transpose(1, 2)
 
 
-def _gemm_layer(layer, h, norm_act):
-    return norm_act(layer, layer.conv(h, impl="gemm"))
+def _channels_last_layer(layer, h, impl, norm_act):
+    return norm_act(layer, layer.conv(h, impl=impl))
 
 
 # --------------------------------------------------------------------------------------------------------------

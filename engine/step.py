@@ -37,7 +37,7 @@ class MaskingSpec:
     min_masks: int
     num_negatives: int
     fast_forward: bool = True       # engine/fastpath.py instead of transformers' forward (same losses)
-    attention: str = "sdpa"         # fast path attention: sdpa | sdpa-cudnn | eager | varlen
+    attention: str = "sdpa"         # fast path attention: sdpa | sdpa-flash | sdpa-cudnn | eager | varlen
     torch_compile: str = "none"     # none | layers | full
     conv_impl: str = "gemm"         # feature encoder of the fast path: gemm | cudnn (engine/convs.py)
     pos_conv_impl: str = "fft"      # positional convolution of the fast path: fft | cudnn

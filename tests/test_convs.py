@@ -15,8 +15,9 @@ def _grads(module):
     return {n: p.grad.clone() for n, p in module.named_parameters() if p.grad is not None}
 
 
+@pytest.mark.parametrize("impl", ["gemm", "cudnn-cl"])
 @pytest.mark.parametrize("flavor", ["base", "large"])
-def test_gemm_conv_layers_equal_conv1d(flavor):
+def test_channels_last_conv_layers_equal_conv1d(flavor, impl):
     torch.manual_seed(0)
     model = Wav2Vec2ForPreTraining(_config(flavor, conv_dim=(16, 16, 16), conv_kernel=(10, 3, 2),
                                            conv_stride=(5, 2, 2)))
@@ -29,7 +30,7 @@ def test_gemm_conv_layers_equal_conv1d(flavor):
     ref = theirs(x).transpose(1, 2)                                       # [B, T, C]
     h = x[:, :, None]
     for layer in ours.wav2vec2.feature_extractor.conv_layers:
-        h = convs.norm_act_channels_last(layer, layer.conv(h, impl="gemm"))
+        h = convs.norm_act_channels_last(layer, layer.conv(h, impl=impl))
     assert h.shape == ref.shape
     torch.testing.assert_close(h, ref, rtol=1e-10, atol=1e-10)
     g = torch.randn_like(ref)
@@ -74,19 +75,20 @@ def test_fft_size_is_smooth_and_large_enough():
         assert m == 1
 
 
+@pytest.mark.parametrize("conv", ["gemm", "cudnn-cl"])
 @pytest.mark.parametrize("flavor", ["base", "large"])
 @pytest.mark.parametrize("padded", [True, False])
-def test_fast_forward_with_gemm_and_fft_equals_transformers(flavor, padded):
+def test_fast_forward_with_channels_last_convs_and_fft_equals_transformers(flavor, padded, conv):
     reference, ours = _models(_config(flavor))
     batch = _batch(reference, padded)
-    ref_out, our_out = _run_both(reference, ours, batch, conv="gemm", pos_conv="fft")
+    ref_out, our_out = _run_both(reference, ours, batch, conv=conv, pos_conv="fft")
     _assert_equal(reference, ours, ref_out, our_out)
 
 
-def test_gemm_encoder_with_gradient_checkpointing():
+def test_channels_last_encoder_with_gradient_checkpointing():
     reference, ours = _models(_config("base"))
     ours.gradient_checkpointing_enable()
-    ref_out, our_out = _run_both(reference, ours, _batch(reference, padded=True), conv="gemm", pos_conv="fft")
+    ref_out, our_out = _run_both(reference, ours, _batch(reference, padded=True), conv="cudnn-cl", pos_conv="fft")
     _assert_equal(reference, ours, ref_out, our_out)
 
 
