@@ -198,10 +198,10 @@ def build_loader(dataset, *, batch_size: int, shuffle: bool, seed: int, epoch: i
     of that epoch would start, without decoding the k skipped batches. ``max_batch_seconds``,
     when set, replaces ``batch_size`` with a budget of padded audio seconds per batch.
 
-    Transport cost: worker batches travel in shared memory; freeing a batch's pages is the main
-    process's largest per-batch cost (~3 ms for 8 x 14 s with an int64 mask, measured on CPU).
-    ``mask_dtype=torch.bool`` cuts the bytes per batch from 12 to 5 per sample (contract default:
-    torch.long). ``prefetch_factor`` batches per worker are kept in flight (shared memory use:
+    Transport cost: a worker batch travels as one shared-memory buffer (see ``pack``); its pages
+    (written by the worker, freed by the main process) are the largest per-batch cost on both sides.
+    ``mask_dtype=torch.bool`` (what the trainer uses) cuts them from 12 to 5 bytes per sample
+    (contract default: torch.long). ``prefetch_factor`` batches per worker are kept in flight (shared memory use:
     workers x prefetch_factor x batch bytes). ``crop_to_shortest`` crops each batch to its shortest
     item (see ``collate``); pair it with ``max_batch_seconds`` so that batches hold similar lengths.
     """
