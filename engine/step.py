@@ -108,15 +108,19 @@ class PretrainStep:
     def prepare(self, batch: dict) -> dict:
         """Device tensors for the model: inputs, attention mask, span mask and negatives.
 
-        Fast path with a host batch: the mask is not copied; the sample lengths are found on the host (a
-        binary search per right-padded row) and B numbers travel instead of a [B, S] int64 tensor."""
+        Fast path with a host batch: the mask is not copied; the sample lengths are the batch's "lengths" (the
+        loader's) or found on the host (a binary search per right-padded row), and B numbers travel instead of
+        a [B, S] mask."""
         dtype = next(self.module.parameters()).dtype
         input_values = batch["input_values"].to(self.device, non_blocking=True).to(dtype)
         host_mask = batch["attention_mask"]
         seq_len = conv_output_length(self.config, input_values.shape[-1])
         padded = True
         # The CPU batch's lengths, read once on the host (no device sync): the fast path's input and the FLOP count.
-        host_lengths = right_padded_lengths(host_mask) if host_mask.device.type == "cpu" else None
+        # The loader's batches carry them ("lengths"); other callers' are read off the mask.
+        host_lengths = batch.get("lengths")
+        if host_lengths is None or host_lengths.device.type != "cpu":
+            host_lengths = right_padded_lengths(host_mask) if host_mask.device.type == "cpu" else None
         if self.fast and host_lengths is not None:
             padded = bool((host_lengths < host_mask.shape[-1]).any())
             sample_lengths = _to_device(host_lengths, self.device)

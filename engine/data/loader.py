@@ -14,30 +14,73 @@ def collate(items: list, pad_to_multiple_of: int | None = None,
     """[{"input_values": float32[n], "id": str} | None] -> Batch (None items dropped).
 
     Batch: input_values FloatTensor[B, S] (zero padded on the right), attention_mask
-    LongTensor[B, S] (1 = real sample; ``mask_dtype`` may make it bool/int32), ids list[str],
-    padded (bool: whether any row has padding); S is rounded up to pad_to_multiple_of.
+    LongTensor[B, S] (1 = real sample; ``mask_dtype`` may make it bool/int32), lengths
+    LongTensor[B] (real samples per row = attention_mask.sum(1)), ids list[str], padded (bool:
+    whether any row has padding); S is rounded up to pad_to_multiple_of.
 
     With ``crop_seed`` set, every item is cropped to the batch's shortest at a random offset
     (fairseq's wav2vec 2.0 recipe): no padding, so the model needs no attention mask. The offsets
     are a function of crop_seed and the batch's ids, so a resumed run crops the same way.
     """
+    return unpack(pack(items, pad_to_multiple_of, mask_dtype, crop_seed))
+
+
+def pack(items: list, pad_to_multiple_of: int | None = None, mask_dtype: torch.dtype = torch.long,
+         crop_seed: int | None = None) -> dict:
+    """``collate``'s work, with the three tensors laid out in one uint8 ``buffer`` (see ``unpack``).
+
+    In a DataLoader worker the buffer is allocated in shared memory, so a batch travels to the main
+    process as one file descriptor (torch hands over each tensor's storage separately, through a
+    socket round trip with the worker) and its pages are written once, here.
+    """
     items = [it for it in items if it is not None]
     if crop_seed is not None and items:
         items = _crop_to_shortest(items, crop_seed)
     lengths = [len(it["input_values"]) for it in items]
-    seq = max(lengths, default=0)
+    B, seq = len(items), max(lengths, default=0)
     if pad_to_multiple_of and seq % pad_to_multiple_of:
         seq += pad_to_multiple_of - seq % pad_to_multiple_of
-    values_t = _alloc((len(items), seq), torch.float32)
-    mask_t = _alloc((len(items), seq), mask_dtype)
+    layout = _layout(B, seq, mask_dtype)
+    buffer, zeroed = _alloc_bytes(layout[-1])
+    lengths_t, values_t, mask_t = _views(buffer, B, seq, mask_dtype, layout)
+    lengths_t.copy_(torch.tensor(lengths, dtype=torch.long))
     values, mask = values_t.numpy(), mask_t.numpy()
     for row, (it, n) in enumerate(zip(items, lengths)):
         values[row, :n] = it["input_values"]
-        values[row, n:] = 0
         mask[row, :n] = 1
-        mask[row, n:] = 0
-    return {"input_values": values_t, "attention_mask": mask_t, "ids": [it["id"] for it in items],
-            "padded": any(n != seq for n in lengths)}
+        if not zeroed and n < seq:
+            values[row, n:] = 0
+            mask[row, n:] = 0
+    return {"buffer": buffer, "shape": (B, seq), "mask_dtype": mask_dtype,
+            "ids": [it["id"] for it in items], "padded": any(n != seq for n in lengths)}
+
+
+def unpack(packed: dict) -> dict:
+    """A ``pack`` result -> Batch (tensors are views of its buffer, which may be pinned by now)."""
+    B, seq = packed["shape"]
+    lengths, values, mask = _views(packed["buffer"], B, seq, packed["mask_dtype"])
+    return {"input_values": values, "attention_mask": mask, "lengths": lengths,
+            "ids": packed["ids"], "padded": packed["padded"]}
+
+
+_ALIGN = 64
+
+
+def _layout(B: int, seq: int, mask_dtype: torch.dtype) -> tuple[int, int, int]:
+    """Byte offsets of input_values and attention_mask, and the total size, in a packed buffer
+    (lengths first: int64[B]; each part starts on a 64-byte boundary)."""
+    up = lambda n: -(-n // _ALIGN) * _ALIGN  # noqa: E731
+    values_at = up(8 * B)
+    mask_at = up(values_at + 4 * B * seq)
+    return values_at, mask_at, mask_at + mask_dtype.itemsize * B * seq
+
+
+def _views(buffer: torch.Tensor, B: int, seq: int, mask_dtype: torch.dtype, layout=None):
+    values_at, mask_at, end = layout or _layout(B, seq, mask_dtype)
+    lengths = buffer[:8 * B].view(torch.long)
+    values = buffer[values_at:mask_at][:4 * B * seq].view(torch.float32).view(B, seq)
+    mask = buffer[mask_at:end].view(mask_dtype).view(B, seq)
+    return lengths, values, mask
 
 
 def _crop_to_shortest(items: list, crop_seed: int) -> list:
@@ -51,14 +94,15 @@ def _crop_to_shortest(items: list, crop_seed: int) -> list:
     return out
 
 
-def _alloc(shape: tuple[int, int], dtype: torch.dtype) -> torch.Tensor:
-    """An uninitialized tensor; in a DataLoader worker, directly in shared memory so that
-    sending it to the main process costs no copy (what torch's default_collate does)."""
+def _alloc_bytes(nbytes: int) -> tuple[torch.Tensor, bool]:
+    """(uninitialized uint8[nbytes], whether it is known to be zero-filled).
+
+    In a DataLoader worker: a fresh shared-memory segment (a new tmpfs file, hence zero-filled),
+    so sending it to the main process costs no copy, and the padding needs no writes."""
     if torch.utils.data.get_worker_info() is None:
-        return torch.empty(shape, dtype=dtype)
-    proto = torch.empty(0, dtype=dtype)
-    storage = proto._typed_storage()._new_shared(shape[0] * shape[1], device=proto.device)
-    return proto.new(storage).resize_(shape)
+        return torch.empty(nbytes, dtype=torch.uint8), False
+    storage = torch.UntypedStorage._new_shared(max(nbytes, 1))
+    return torch.empty(0, dtype=torch.uint8).set_(storage)[:nbytes], True
 
 
 class _Fetcher(torch.utils.data.Dataset):
@@ -85,10 +129,10 @@ class _Collate:
 
     def __call__(self, fetched):
         items, skips, refilled = fetched
-        batch = collate(items, self.pad_to_multiple_of, self.mask_dtype, self.crop_seed)
-        batch["_skips"] = skips
-        batch["_refilled"] = refilled
-        return batch
+        packed = pack(items, self.pad_to_multiple_of, self.mask_dtype, self.crop_seed)
+        packed["_skips"] = skips
+        packed["_refilled"] = refilled
+        return packed
 
 
 def _worker_init(_):
@@ -131,9 +175,10 @@ class AudioLoader:
             _Fetcher(self.dataset), batch_sampler=self._batches, num_workers=self.num_workers,
             collate_fn=_Collate(self.pad_to_multiple_of, self.mask_dtype, self.crop_seed),
             pin_memory=torch.cuda.is_available(), **kw)
-        for batch in loader:
-            skips = batch.pop("_skips")
-            if batch.pop("_refilled"):
+        for packed in loader:
+            batch = unpack(packed)
+            skips = packed["_skips"]
+            if packed["_refilled"]:
                 self.refilled += 1
             if skips:
                 self.dataset.record_skips(skips)
@@ -153,10 +198,10 @@ def build_loader(dataset, *, batch_size: int, shuffle: bool, seed: int, epoch: i
     of that epoch would start, without decoding the k skipped batches. ``max_batch_seconds``,
     when set, replaces ``batch_size`` with a budget of padded audio seconds per batch.
 
-    Transport cost: worker batches travel in shared memory; freeing a batch's pages is the main
-    process's largest per-batch cost (~3 ms for 8 x 14 s with an int64 mask, measured on CPU).
-    ``mask_dtype=torch.bool`` cuts the bytes per batch from 12 to 5 per sample (contract default:
-    torch.long). ``prefetch_factor`` batches per worker are kept in flight (shared memory use:
+    Transport cost: a worker batch travels as one shared-memory buffer (see ``pack``); its pages
+    (written by the worker, freed by the main process) are the largest per-batch cost on both sides.
+    ``mask_dtype=torch.bool`` (what the trainer uses) cuts them from 12 to 5 bytes per sample
+    (contract default: torch.long). ``prefetch_factor`` batches per worker are kept in flight (shared memory use:
     workers x prefetch_factor x batch bytes). ``crop_to_shortest`` crops each batch to its shortest
     item (see ``collate``); pair it with ``max_batch_seconds`` so that batches hold similar lengths.
     """
