@@ -61,7 +61,8 @@ def resolve_setting(args, model_name: str, which: str) -> dict:
         p: Plan = plan(config, gpu_memory_gb=args.cap_gb, host_memory_gb=args.host_memory_gb, world_size=1,
                        precision=args.precision, max_duration_in_seconds=dur,
                        per_device_train_batch_size=args.seed_batch, gradient_accumulation_steps=args.seed_accum,
-                       effective_batch_seconds=args.effective_batch_seconds, name=model_name)
+                       effective_batch_seconds=args.effective_batch_seconds, name=model_name,
+                       fast_forward=not args.hf_forward)
         s = dict(stage=p.zero_stage, offload=p.offload, ckpt=p.gradient_checkpointing, micro=p.micro_batch_size,
                  accum=p.gradient_accumulation_steps, zero_config=p.zero_config, est_audio_per_s=p.est_audio_seconds_per_second)
         mem = p.gpu
@@ -74,7 +75,8 @@ def resolve_setting(args, model_name: str, which: str) -> dict:
                      est_audio_per_s=a["est_audio_seconds_per_second"])
             mem, _host = estimate_memory(config, zero_stage=s["stage"], offload=s["offload"],
                                          gradient_checkpointing=s["ckpt"], micro_batch_size=s["micro"],
-                                         max_duration_in_seconds=dur, precision=args.precision)
+                                         max_duration_in_seconds=dur, precision=args.precision,
+                                         fast_forward=not args.hf_forward)
     else:
         stage = 2 if which.startswith("zero2") else 3
         offload = "none" if not which.endswith("offload") else ("optimizer" if stage == 2 else "all")
@@ -82,7 +84,7 @@ def resolve_setting(args, model_name: str, which: str) -> dict:
                  zero_config=None, est_audio_per_s=None)
         mem, _host = estimate_memory(config, zero_stage=stage, offload=offload, gradient_checkpointing=True,
                                      micro_batch_size=args.seed_batch, max_duration_in_seconds=dur,
-                                     precision=args.precision)
+                                     precision=args.precision, fast_forward=not args.hf_forward)
     s["est_gib"] = round(mem.total / GIB, 2)
     s["est_states_gib"] = round((mem.params + mem.grads + mem.optimizer + mem.buffers) / GIB, 2)
     s["est_act_gib"] = round(mem.activations / GIB, 2)

@@ -77,7 +77,7 @@ VARIANTS = {
     "ours-cudnn-bench": dict(kind="ours", cudnn=1, pad=4000),
 }
 SEED_DEFAULTS = dict(gc=1, utts=8, hf_attn=None, precision="bf16", batch="fixed")
-OURS_DEFAULTS = dict(fast=1, attention="sdpa", compile="none", conv="gemm", pos="fft", batch="budget", seconds=None, utts=8, zero=2,
+OURS_DEFAULTS = dict(fast=1, attention="sdpa", compile="none", conv="cudnn-cl", pos="fft", batch="budget", seconds=None, utts=8, zero=2,
                      gc=0, cudnn=0, pad=None, attn_dropout=None, hf_attn="sdpa", precision="bf16")
 DEFAULT_SECONDS = {"base": 400.0, "large": 300.0, "demo": 16.0}
 TINY_VARIANTS = "seed,ours-hf,ours,ours-eager-attn,ours-varlen,ours-crop,ours-fixed8,ours-zero0"

@@ -137,7 +137,7 @@ def build_parser() -> argparse.ArgumentParser:
       help="Attention of the fast forward: sdpa (flash when a batch has no padding, else a key-padding mask), "
            "sdpa-flash / sdpa-cudnn (flash / cuDNN attention first), eager, or varlen (padded batches packed to their real frames; "
            "flash varlen, torch>=2.10 on CUDA; needs attention_dropout 0 to apply in training).")
-    o("--conv_impl", type=str, default="gemm", choices=["cudnn-cl", "gemm", "cudnn"],
+    o("--conv_impl", type=str, default="cudnn-cl", choices=["cudnn-cl", "gemm", "cudnn"],
       help="Feature encoder convolutions of the fast forward, all the same function: cudnn-cl (cuDNN on "
            "channels-last activations), gemm (one matrix multiplication per layer, channels-last; "
            "engine/convs.py) or cudnn (transformers' Conv1d modules).")

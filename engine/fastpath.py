@@ -72,8 +72,8 @@ class FastPathArgs:
     frame_lengths: torch.Tensor | None = None
     packing: Packing | None = None
     compile: str = "none"
-    conv: str = "cudnn"          # feature encoder: cudnn (transformers' Conv1d) | cudnn-cl | gemm (engine/convs.py)
-    pos_conv: str = "cudnn"      # positional convolution: cudnn | fft (engine/convs.py)
+    conv: str = "cudnn-cl"       # feature encoder: cudnn-cl | gemm (engine/convs.py) | cudnn (transformers' Conv1d)
+    pos_conv: str = "fft"        # positional convolution: fft (engine/convs.py) | cudnn (transformers')
 
 
 def unsupported_reason(config) -> str | None:
@@ -271,7 +271,7 @@ def _norm_act(layer, h):
     return layer.activation(h)
 
 
-def feature_encoder(model, input_values, compiled: bool = False, impl: str = "cudnn"):
+def feature_encoder(model, input_values, compiled: bool = False, impl: str = "cudnn-cl"):
     """The conv feature encoder, layer by layer (no requires_grad forced on the audio, unlike HF's forward).
 
     impl "cudnn": transformers' Conv1d modules, [B, C, L] activations; "cudnn-cl" / "gemm": engine/convs.py's

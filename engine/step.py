@@ -39,7 +39,7 @@ class MaskingSpec:
     fast_forward: bool = True       # engine/fastpath.py instead of transformers' forward (same losses)
     attention: str = "sdpa"         # fast path attention: sdpa | sdpa-flash | sdpa-cudnn | eager | varlen
     torch_compile: str = "none"     # none | layers | full
-    conv_impl: str = "gemm"         # feature encoder of the fast path: gemm | cudnn (engine/convs.py)
+    conv_impl: str = "cudnn-cl"     # feature encoder of the fast path: cudnn-cl | gemm | cudnn (engine/convs.py)
     pos_conv_impl: str = "fft"      # positional convolution of the fast path: fft | cudnn
 
     @classmethod
@@ -53,7 +53,7 @@ class MaskingSpec:
                    fast_forward=getattr(args, "fast_forward", True),
                    attention=getattr(args, "fast_attention", "sdpa"),
                    torch_compile=getattr(args, "torch_compile", "none") or "none",
-                   conv_impl=getattr(args, "conv_impl", "gemm"),
+                   conv_impl=getattr(args, "conv_impl", "cudnn-cl"),
                    pos_conv_impl=getattr(args, "pos_conv_impl", "fft"))
 
 

@@ -65,9 +65,9 @@ def test_fft_positional_conv_equals_grouped_conv1d(T):
         torch.testing.assert_close(b[name], a[name], rtol=1e-4, atol=1e-4 * float(a[name].abs().max()), msg=name)
 
 
-def test_fft_size_is_smooth_and_large_enough():
+def testfft_size_is_smooth_and_large_enough():
     for n in range(1, 3000, 7):
-        m = convs._fft_size(n)
+        m = convs.fft_size(n)
         assert m >= n and m < 1.25 * n + 2
         for f in (2, 3, 5):
             while m % f == 0:
@@ -75,13 +75,19 @@ def test_fft_size_is_smooth_and_large_enough():
         assert m == 1
 
 
-@pytest.mark.parametrize("conv", ["gemm", "cudnn-cl"])
+@pytest.mark.parametrize("conv", ["gemm", "cudnn-cl", "cudnn"])
 @pytest.mark.parametrize("flavor", ["base", "large"])
 @pytest.mark.parametrize("padded", [True, False])
 def test_fast_forward_with_channels_last_convs_and_fft_equals_transformers(flavor, padded, conv):
     reference, ours = _models(_config(flavor))
     batch = _batch(reference, padded)
     ref_out, our_out = _run_both(reference, ours, batch, conv=conv, pos_conv="fft")
+    _assert_equal(reference, ours, ref_out, our_out)
+
+
+def test_transformers_convolutions_through_the_fast_forward():
+    reference, ours = _models(_config("base"))
+    ref_out, our_out = _run_both(reference, ours, _batch(reference, padded=True), conv="cudnn", pos_conv="cudnn")
     _assert_equal(reference, ours, ref_out, our_out)
 
 

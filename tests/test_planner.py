@@ -70,6 +70,23 @@ def test_activation_model_matches_a_fresh_measurement(precision, ckpt, kw):
     assert a.conv == pytest.approx(m.conv, rel=0.05)
 
 
+# The fast forward (engine/fastpath.py): no [K+1, B, T, D] negatives, so far less than transformers' forward.
+@pytest.mark.parametrize("kw", [
+    dict(feat_extract_norm="layer", do_stable_layer_norm=True, conv_bias=True, hidden_size=160,
+         intermediate_size=640, num_hidden_layers=2, proj_codevector_dim=512, num_negatives=80),
+    dict(feat_extract_norm="group", hidden_size=96, intermediate_size=384, num_hidden_layers=2,
+         proj_codevector_dim=192, num_negatives=100),
+])
+def test_fast_forward_activation_model_matches_a_fresh_measurement(kw):
+    config = small(num_conv_pos_embeddings=16, conv_dim=(512,) * 7, **kw)   # the real conv encoder
+    facts = model_facts(config)
+    m = measure_activations(config, 2.7, batch_size=2, fast_forward=True)
+    a = activation_bytes(facts, 2.7, batch=2, include_dropout=False, padded=False, fast_forward=True)
+    assert a.peak == pytest.approx(m.peak, rel=0.10)
+    hf = measure_activations(config, 2.7, batch_size=2)
+    assert m.peak < 0.8 * hf.peak
+
+
 def test_activation_model_scales_with_batch_and_checkpointing():
     facts = model_facts(cfg("large"))
     one = activation_bytes(facts, 20.0, batch=1)

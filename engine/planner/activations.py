@@ -50,6 +50,14 @@ ACTIVATION_COEFFS: dict = {
 }
 
 
+# The fast forward (engine/fastpath.py + engine/convs.py), measured the same way (`measure_activations(...,
+# fast_forward=True)` on 12 configs: base and large families, hidden 128-256, D_p 128-768, K 50-100, 2-4 s,
+# batch 1-2; fit within 1.2 MiB of each measured peak): conv encoder and layers as above; the head saves
+# dp*D_p + k*(K+1) bytes per frame (no [K+1, B, T, D_p] gather), no transient beyond that; plus a constant
+# per micro-batch: `one` bytes and the positional conv's FFT'd weight (complex64 [E, E/G, n/2+1]) held
+# `fft_weight` times (rFFT output, its grouped matmul layout, their gradients).
+FAST_HEAD: dict = {"dp": 16.53, "k": 29.93, "one": 9.46e6, "fft_weight": 4.0}
+
 # ----------------------------------------------------------------------------------------------
 # Activation model
 
@@ -88,12 +96,13 @@ def _conv_features(facts: ModelFacts, samples: int, lengths: list[int]) -> tuple
 def activation_bytes(facts: ModelFacts, seconds: float, *, batch: int = 1, precision: str = "bf16",
                      checkpointing: bool = False, attn_implementation: str = "sdpa",
                      coeffs: dict | None = None, include_dropout: bool = True, dropout_mask_bytes: int = 1,
-                     padded: bool = True) -> ActivationEstimate:
+                     padded: bool = True, fast_forward: bool = False) -> ActivationEstimate:
     """Activation memory of one training micro-step (see the module docstring for the model).
 
     `dropout_mask_bytes`: 1 on CUDA (bool masks); CPU's dropout keeps a mask in the input dtype.
     `padded`: the batch has padding, so the attention gets a mask; sdpa converts it to a
     [B, 1, F, F] additive mask per layer (kept for backward by the memory-efficient kernel).
+    `fast_forward`: engine/fastpath.py's forward (FAST_HEAD below) instead of transformers'.
     """
     pc = _pclass(precision)
     co = (coeffs or ACTIVATION_COEFFS)[pc]
@@ -140,10 +149,19 @@ def activation_bytes(facts: ModelFacts, seconds: float, *, batch: int = 1, preci
     quantizer = tc["q"] * VDc - tc["s"] * (K + 1) * Dp
     recompute = (full_layer + layer_drop + attn_f2 / max(F, 1) - hc["kd"] * (K + 1) * Dp) if checkpointing else 0.0
     transient = F * max(contrastive_bwd, quantizer, recompute)
+    constant = facts.pos_conv_weight_numel * e
+    if fast_forward:
+        fh = FAST_HEAD
+        head = F * (fh["dp"] * Dp + fh["k"] * (K + 1))
+        transient = F * max(recompute - fh["dp"] * Dp - fh["k"] * (K + 1), 0.0) if checkpointing else 0.0
+        from engine.convs import fft_size        # the FFT length engine/convs.py uses
+        n = fft_size(F + facts.pos_conv_kernel - 1)
+        weight_pairs = facts.pos_conv_weight_numel // max(facts.pos_conv_kernel, 1)     # E * E/G
+        constant += fh["one"] + fh["fft_weight"] * 8 * weight_pairs * (n // 2 + 1)
 
     return ActivationEstimate(conv=batch * conv, layers=batch * layers, attention=batch * attention,
                               head=batch * head, dropout=batch * dropout,
-                              constant=facts.pos_conv_weight_numel * e, transient=batch * transient)
+                              constant=constant, transient=batch * transient)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -199,7 +217,7 @@ class Measurement:
 
 def measure_activations(config, seconds: float, *, batch_size: int = 1, precision: str = "bf16",
                         checkpointing: bool = False, attn_implementation: str = "sdpa", seed: int = 0,
-                        keep_dropout: bool = False) -> Measurement:
+                        keep_dropout: bool = False, fast_forward: bool = False) -> Measurement:
     """Measure saved-for-backward and peak activation bytes of one training micro-step on the CPU."""
     import numpy as np
     import torch
@@ -240,6 +258,11 @@ def measure_activations(config, seconds: float, *, batch_size: int = 1, precisio
     neg = _sample_negative_indices((batch_size, frames), config.num_negatives, mask_time_indices=mask)
     mask, neg = torch.tensor(mask), torch.tensor(neg)
 
+    fast = {}
+    if fast_forward:   # engine/fastpath.py (its module calls bypass the part hooks: only totals are meaningful)
+        from engine import fastpath
+        fastpath.install(model)
+        fast = {"fast_path": fastpath.FastPathArgs()}
     params = {p.untyped_storage().data_ptr() for p in model.parameters()}
     where = ["head"]
     for name, mod in model.named_modules():
@@ -260,7 +283,7 @@ def measure_activations(config, seconds: float, *, batch_size: int = 1, precisio
     tracker = _tracker_class()(params | {t.untyped_storage().data_ptr() for t in (x, mask, neg)})
     with tracker:
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            loss = model(x, mask_time_indices=mask, sampled_negative_indices=neg).loss
+            loss = model(x, mask_time_indices=mask, sampled_negative_indices=neg, **fast).loss
         loss.backward()
         del loss
     parts = {"conv": 0, "layers": 0, "head": 0}

@@ -43,6 +43,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--effective_batch_seconds", type=float, default=None,
                    help="audio seconds per optimizer step, all GPUs (pins it; default: the recipe's)")
     p.add_argument("--attn_implementation", default="sdpa", choices=["sdpa", "eager", "flash_attention_2"])
+    p.add_argument("--fast_forward", action=argparse.BooleanOptionalAction, default=True,
+                   help="plan for engine/fastpath.py's forward (pretrain.py's default) or, with --no-fast_forward, "
+                        "transformers' (more activation memory: the [K+1, B, T, D] negatives)")
     p.add_argument("--zero_stage", type=int, default=None, choices=[0, 1, 2, 3], help="restrict to this stage")
     p.add_argument("--offload", default=None, choices=OFFLOADS, help="restrict to this offload")
     p.add_argument("--min_gpu_seconds_per_step", type=float, default=8.0)
@@ -86,4 +89,10 @@ def _plan_cli(args) -> Plan:
                 per_device_train_batch_size=args.per_device_train_batch_size,
                 gradient_accumulation_steps=args.gradient_accumulation_steps,
                 attn_implementation=args.attn_implementation, zero_stage=args.zero_stage, offload=args.offload,
-                min_gpu_seconds_per_step=args.min_gpu_seconds_per_step, throughput=tp, name=args.model)
+                min_gpu_seconds_per_step=args.min_gpu_seconds_per_step, throughput=tp, name=args.model,
+                fast_forward=args.fast_forward and _fast_supported(config))
+
+
+def _fast_supported(config) -> bool:
+    from engine.fastpath import unsupported_reason
+    return unsupported_reason(config) is None

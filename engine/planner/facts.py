@@ -32,6 +32,7 @@ class ModelFacts:
     attention_dropout: float
     feat_proj_dropout: float
     feat_quantizer_dropout: float
+    pos_conv_kernel: int = 128
 
     def persistent_params(self, threshold: int) -> int:
         """Parameters ZeRO-3 keeps whole on every rank (numel <= stage3_param_persistence_threshold)."""
@@ -124,7 +125,7 @@ def model_facts(config) -> ModelFacts:
         pos_conv_weight_numel=h * (h // g) * k,
         hidden_dropout=config.hidden_dropout, activation_dropout=config.activation_dropout,
         attention_dropout=config.attention_dropout, feat_proj_dropout=config.feat_proj_dropout,
-        feat_quantizer_dropout=config.feat_quantizer_dropout,
+        feat_quantizer_dropout=config.feat_quantizer_dropout, pos_conv_kernel=k,
     )
     _FACTS_CACHE[key] = facts
     return facts

@@ -55,7 +55,7 @@ def estimate_memory(config, *, zero_stage: int, offload: str = "none", gradient_
                     micro_batch_size: int = 1, max_duration_in_seconds: float = 20.0, precision: str = "bf16",
                     world_size: int = 1, num_nodes: int = 1, attn_implementation: str = "sdpa",
                     padded: bool = True, zero_config: dict | None = None,
-                    zero_init: bool = False) -> tuple[MemoryBreakdown, float]:
+                    zero_init: bool = False, fast_forward: bool = False) -> tuple[MemoryBreakdown, float]:
     """(GPU peak breakdown, host bytes per node) of a given configuration: for checking a hand-made
     configuration (pretrain.py without the planner) or comparing with a measurement."""
     facts = model_facts(config)
@@ -64,7 +64,7 @@ def estimate_memory(config, *, zero_stage: int, offload: str = "none", gradient_
                                zero_init=zero_init)
     act = activation_bytes(facts, max_duration_in_seconds, batch=micro_batch_size, precision=precision,
                            checkpointing=gradient_checkpointing, attn_implementation=attn_implementation,
-                           padded=padded)
+                           padded=padded, fast_forward=fast_forward)
     return _gpu_total(states, act), states.host
 
 
@@ -99,7 +99,8 @@ def plan(config, *, gpu_memory_gb="auto", host_memory_gb: float | None = None, w
          gradient_accumulation_steps: int = 1, attn_implementation: str = "sdpa", padded: bool = True,
          zero_stage: int | None = None, offload: str | None = None, gradient_checkpointing: bool | None = None,
          min_gpu_seconds_per_step: float = 8.0, throughput: Throughput = Throughput(),
-         zero_config: dict[int, dict] | None = None, zero_init: bool = False, name: str | None = None) -> Plan:
+         zero_config: dict[int, dict] | None = None, zero_init: bool = False, name: str | None = None,
+         fast_forward: bool = False) -> Plan:
     """Choose the fastest configuration that fits.
 
     Policy: offload tiers in order none -> optimizer -> all (a higher tier is used only when nothing
@@ -155,7 +156,8 @@ def plan(config, *, gpu_memory_gb="auto", host_memory_gb: float | None = None, w
         raise PlanError(f"no configuration matches --zero_stage {zero_stage} --offload {offload}")
 
     act1 = {ck: activation_bytes(facts, dur, batch=1, precision=precision, checkpointing=ck,
-                                 attn_implementation=attn_implementation, padded=padded) for ck in (False, True)}
+                                 attn_implementation=attn_implementation, padded=padded, fast_forward=fast_forward)
+            for ck in (False, True)}
     fits, needs = [], []
     for c in cands:
         zc = (zero_config or {}).get(c.stage)
@@ -164,7 +166,7 @@ def plan(config, *, gpu_memory_gb="auto", host_memory_gb: float | None = None, w
 
         def mem(n, c=c, states=states):
             a = activation_bytes(facts, dur, batch=n, precision=precision, checkpointing=c.checkpointing,
-                                 attn_implementation=attn_implementation, padded=padded)
+                                 attn_implementation=attn_implementation, padded=padded, fast_forward=fast_forward)
             return _gpu_total(states, a)
 
         one = mem(1)
@@ -285,7 +287,8 @@ def plan_from_args(args, config, world_size: int, *, precision: str | None = Non
     Reads when present: gpu_memory_gb ('auto' or GiB), host_memory_gb, num_nodes, precision,
     max_duration_in_seconds, the recipe whose effective batch is kept (per_device_train_batch_size, or
     max_batch_seconds, x gradient_accumulation_steps x world_size) unless effective_batch_seconds is
-    given, attn_implementation, crop_to_shortest (no padding), zero_stage / offload / a --deepspeed
+    given, attn_implementation, fast_forward (engine/fastpath.py's activation memory unless --no-fast_forward
+    or an unsupported config), crop_to_shortest (no padding), zero_stage / offload / a --deepspeed
     config file as constraints (None = free), and the bucket sizes of ds_configs/ (or of that file).
     `precision`: the resolved one (ds_config.resolve_precision); otherwise args.precision, where
     'auto' means bf16 (fp16 on a CUDA device without bf16): planning is for GPUs."""
@@ -326,7 +329,16 @@ def plan_from_args(args, config, world_size: int, *, precision: str | None = Non
         padded=not get("crop_to_shortest", False),
         zero_stage=zero_stage, offload=None if offload in (None, "auto") else offload,
         zero_config=zero_config, name=get("model_name_or_path") or get("config_name"),
+        fast_forward=_runs_fast_forward(args, config),
     )
+
+
+def _runs_fast_forward(args, config) -> bool:
+    """Whether the step will run engine/fastpath.py (its activation memory differs from transformers')."""
+    if not getattr(args, "fast_forward", True):
+        return False
+    from engine.fastpath import unsupported_reason
+    return unsupported_reason(config) is None
 
 
 def _numeric(zero: dict) -> dict:
