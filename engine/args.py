@@ -118,7 +118,8 @@ def build_parser() -> argparse.ArgumentParser:
       help="Start a new run from the weights of an exported model (python -m engine.export), e.g. to change "
            "the ZeRO stage, world size or precision of a run; optimizer state and schedules start afresh.")
     o("--zero_stage", type=int, default=None, choices=ZERO_STAGES,
-      help="ZeRO stage; picks ds_configs/zero<N>.json (default 2 unless --deepspeed FILE is given).")
+      help="ZeRO stage; picks ds_configs/zero<N>.json. Default (without --deepspeed FILE): 0 on one GPU/process "
+           "(stages 1-3 partition nothing there), 2 on several or with --offload.")
     o("--offload", type=str, default=None, choices=OFFLOADS,
       help="CPU offload: optimizer states (ZeRO 1-3) or optimizer states and parameters (ZeRO 3).")
     o("--precision", type=str, default="auto", choices=PRECISIONS,

@@ -109,6 +109,13 @@ def _differs(a, b) -> bool:
     return a != b
 
 
+def default_zero_stage(world_size: int, offload: str | None) -> int:
+    """The stage when neither --zero_stage nor --deepspeed gives one: 2 on several ranks (optimizer states and
+    gradients partitioned) or with --offload; 0 on one rank, where stages 1-3 partition nothing and only add
+    bookkeeping (base on one H100: 2,932 audio-s/s with ZeRO-0 vs 2,662 with ZeRO-2, bench/RESULTS.md run 5)."""
+    return 2 if world_size > 1 or offload not in (None, "none") else 0
+
+
 def build_ds_config(args, world_size: int, device_type: str) -> dict:
     """The effective DeepSpeed config for these flags on `world_size` ranks of `device_type`."""
     path = deepspeed_config_path(args)
@@ -125,7 +132,8 @@ def build_ds_config(args, world_size: int, device_type: str) -> dict:
             raise ArgError(f"--offload {args.offload} disagrees with {path} (offload: {offload_of(cfg)}); "
                            "pass one of them")
     else:
-        cfg = stage_config(2 if args.zero_stage is None else args.zero_stage, args.offload or "none")
+        stage = default_zero_stage(world_size, args.offload) if args.zero_stage is None else args.zero_stage
+        cfg = stage_config(stage, args.offload or "none")
     cfg = copy.deepcopy(cfg)
 
     gas = args.gradient_accumulation_steps

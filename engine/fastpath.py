@@ -210,27 +210,25 @@ def _compiled_fn(fn, name: str):
     return _compiled[key]
 
 
-def _call(module, h):
-    return module(h)
+def _call(module, h, **kw):
+    return module(h, **kw)
 
 
-def _eager(module, h, compiling: bool):
+def _eager(module, h, compiling: bool, **kw):
     """Under --torch_compile full: a convolution kept out of the graph (a graph break), because inductor's
-    conv lowering specializes on the sequence length and would recompile for every new length."""
+    conv lowering (and the FFT length of engine/convs.py) specializes on the sequence length and would
+    recompile for every new length."""
     if not compiling:
-        return module(h)
+        return module(h, **kw)
     if "eager" not in _compiled:
         _compiled["eager"] = torch.compiler.disable(_call)  # imports dynamo: only when compiling
-    return _compiled["eager"](module, h)
+    return _compiled["eager"](module, h, **kw)
 
 
 def _encoder(enc, h, frame_mask, args: FastPathArgs, stable: bool):
     if frame_mask is not None:                      # HF: hidden_states[~mask] = 0 (a sync); same values
         h = h.masked_fill(~frame_mask[..., None], 0.0)
-    if args.pos_conv == "cudnn":
-        h = h + _eager(enc.pos_conv_embed, h, args.compile == "full")
-    else:
-        h = h + enc.pos_conv_embed(h, impl=args.pos_conv)
+    h = h + _eager(enc.pos_conv_embed, h, args.compile == "full", impl=args.pos_conv)
     if not stable:
         h = enc.layer_norm(h)
     h = enc.dropout(h)
@@ -283,7 +281,8 @@ def feature_encoder(model, input_values, compiled: bool = False, impl: str = "cu
     h = input_values[:, :, None] if gemm else input_values[:, None]
     norm_act = convs.norm_act_channels_last if gemm else _norm_act
     if compiled:
-        norm_act = _compiled_fn(norm_act, "norm_act_cl" if gemm else "norm_act")
+        norm_act = (_compiled_fn(convs.norm_act_channels_last_fused, "norm_act_cl") if gemm
+                    else _compiled_fn(_norm_act, "norm_act"))
     for layer in model.wav2vec2.feature_extractor.conv_layers:
         checkpointed = getattr(layer, "gradient_checkpointing", False) and layer.training and torch.is_grad_enabled()
         if gemm:

@@ -176,7 +176,8 @@ def test_damaged_checkpoint_is_reported_with_the_one_to_use_instead(corpus_dir, 
     optim = tmp_path / "checkpoints" / "step_3" / "zero_pp_rank_0_mp_rank_00_optim_states.pt"
     optim.write_bytes(optim.read_bytes()[:1000])  # a bad disk: rename-based saves never leave this
     with pytest.raises(ckpt.CheckpointError, match=r"--resume: cannot load .*step_3 .*--resume .*step_2"):
-        run(corpus_dir, tmp_path, "--max_train_steps", "3", "--saving_steps", "1", "--resume")
+        run(corpus_dir, tmp_path, "--max_train_steps", "3", "--saving_steps", "1", "--zero_stage", "2", "--precision", "fp32",
+            "--resume")
 
 
 def test_bad_deepspeed_and_precision_flags_are_refused(tmp_path, monkeypatch, capsys):

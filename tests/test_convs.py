@@ -15,9 +15,10 @@ def _grads(module):
     return {n: p.grad.clone() for n, p in module.named_parameters() if p.grad is not None}
 
 
+@pytest.mark.parametrize("fused", [False, True])
 @pytest.mark.parametrize("impl", ["gemm", "cudnn-cl"])
 @pytest.mark.parametrize("flavor", ["base", "large"])
-def test_channels_last_conv_layers_equal_conv1d(flavor, impl):
+def test_channels_last_conv_layers_equal_conv1d(flavor, impl, fused):
     torch.manual_seed(0)
     model = Wav2Vec2ForPreTraining(_config(flavor, conv_dim=(16, 16, 16), conv_kernel=(10, 3, 2),
                                            conv_stride=(5, 2, 2)))
@@ -30,7 +31,8 @@ def test_channels_last_conv_layers_equal_conv1d(flavor, impl):
     ref = theirs(x).transpose(1, 2)                                       # [B, T, C]
     h = x[:, :, None]
     for layer in ours.wav2vec2.feature_extractor.conv_layers:
-        h = convs.norm_act_channels_last(layer, layer.conv(h, impl=impl))
+        norm_act = convs.norm_act_channels_last_fused if fused else convs.norm_act_channels_last
+        h = norm_act(layer, layer.conv(h, impl=impl))
     assert h.shape == ref.shape
     torch.testing.assert_close(h, ref, rtol=1e-10, atol=1e-10)
     g = torch.randn_like(ref)
