@@ -181,6 +181,8 @@ def _train(args, model_name, setting, row, step_times, micro_times) -> float:
     config = load_config(model_name)
     model = build_model(config, gradient_checkpointing=setting["ckpt"], attn_implementation=args.attn)
     t0 = time.perf_counter()
+    from engine import ds_patches
+    ds_patches.apply()
     engine, *_ = deepspeed.initialize(model=model, model_parameters=[p for p in model.parameters() if p.requires_grad],
                                       config=ds_config(setting, args.precision, args.device))
     row["init_s"] = round(time.perf_counter() - t0, 1)

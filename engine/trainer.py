@@ -46,8 +46,12 @@ def _free_port() -> int:
 
 
 def setup_distributed() -> Dist:
-    """Join the process group that the deepspeed launcher describes, or make a one-process group."""
+    """Join the process group that the deepspeed launcher describes, or make a one-process group; patch
+    DeepSpeed's per-parameter overflow syncs (engine/ds_patches.py)."""
     import deepspeed
+
+    from engine import ds_patches
+    ds_patches.apply()
     os.environ.setdefault("RANK", "0")
     os.environ.setdefault("LOCAL_RANK", "0")
     os.environ.setdefault("WORLD_SIZE", "1")
