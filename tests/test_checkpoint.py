@@ -180,6 +180,18 @@ def test_damaged_checkpoint_is_reported_with_the_one_to_use_instead(corpus_dir, 
             "--resume")
 
 
+def test_resume_keeps_the_checkpoints_zero_stage(corpus_dir, tmp_path, finished, capsys):
+    """`finished` ran with --zero_stage 2; one process defaults to ZeRO-0, but a bare --resume continues with 2."""
+    shutil.copytree(finished / "checkpoints", tmp_path / "checkpoints")
+    steps = run(corpus_dir, tmp_path, "--max_train_steps", "4", "--saving_steps", "100", "--precision", "fp32",
+                "--resume")
+    assert "--resume: ZeRO stage 2, as the checkpoint was written" in capsys.readouterr().out
+    assert 4 in steps
+    with pytest.raises(ArgError, match="ZeRO stage .*2 -> 0"):
+        run(corpus_dir, tmp_path, "--max_train_steps", "5", "--precision", "fp32", "--zero_stage", "0",
+            "--resume")
+
+
 def test_bad_deepspeed_and_precision_flags_are_refused(tmp_path, monkeypatch, capsys):
     from engine.ds_config import build_ds_config, resolve_precision
     base = ["--model_name_or_path", "demo", "--train_dir", ".", "--output_dir", str(tmp_path / "o")]
