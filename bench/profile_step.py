@@ -103,7 +103,6 @@ def components(args) -> list[tuple[str, float]]:
           f"fwd+bwd ms (median of {args.iters})")
     for name, ms in rows:
         print(f"  {name:50s} {ms:8.2f}")
-    del model
     torch.cuda.empty_cache()
     return rows
 

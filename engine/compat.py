@@ -10,7 +10,9 @@ refused with the list of differences. Flags that only say how long or how verbos
 """
 from __future__ import annotations
 
-from engine.args import ArgError
+import os
+
+from engine.args import ArgError, deepspeed_config_path
 
 FORMAT = 1
 # Flags whose change breaks an exact continuation (data order and content, batch, optimizer, schedules, masking).
@@ -122,3 +124,39 @@ def check_batch_fits(args, num_train: int, world_size: int) -> None:
                        f"--gradient_accumulation_steps {gas} x {world_size} rank(s) = {need} utterances, but the "
                        f"training set has {num_train} (after --min_duration_in_seconds/--max_duration_in_seconds "
                        "and --validation_split_percentage); lower those flags or add data")
+
+
+def inherit_resume_stage(args, is_main: bool = True) -> None:
+    """--resume without --zero_stage or --deepspeed: keep the checkpoint's ZeRO stage. The default stage depends
+    on the number of GPUs (engine.ds_config.default_zero_stage) and a checkpoint loads only into its own stage."""
+    from engine import checkpoint as ckpt
+    if args.resume is None or args.zero_stage is not None or deepspeed_config_path(args) is not None:
+        return
+    try:
+        where = ckpt.find_checkpoint(args.resume, args.output_dir)
+        stage = ckpt.read_meta(os.path.join(*where)).get("zero_stage") if where is not None else None
+    except Exception:  # noqa: BLE001 -- resume_point reports a missing or unreadable checkpoint
+        return
+    if stage in (0, 1, 2, 3):
+        args.zero_stage = int(stage)
+        if is_main:
+            print(f"--resume: ZeRO stage {stage}, as the checkpoint was written (pass --zero_stage to override)")
+
+
+def resume_point(args, config, ds_cfg: dict, world_size: int, is_main: bool = True):
+    """(load_dir, tag) of the checkpoint to resume from, or None; refuses flags that cannot continue it."""
+    from engine import checkpoint as ckpt
+    from engine.ds_config import offload_of, precision_of
+    if args.resume is None:
+        return None
+    where = ckpt.find_checkpoint(args.resume, args.output_dir)
+    if where is None:
+        return None
+    path = os.path.join(*where)
+    notes = check_resume(ckpt.read_meta(path), run_meta(
+        args, config, world_size=world_size, zero_stage=ds_cfg["zero_optimization"].get("stage", 0),
+        precision=precision_of(ds_cfg), offload=offload_of(ds_cfg)), path)
+    if is_main:
+        for note in notes:
+            print(f"--resume: note: {note}")
+    return where

@@ -20,7 +20,7 @@ from engine import compat, preempt
 from engine.export import export_pretrained, init_weights_from
 from engine.args import ArgError
 from engine.data import build_datasets, build_loader
-from engine.ds_config import build_ds_config, deepspeed_config_path, offload_of, precision_of
+from engine.ds_config import build_ds_config, offload_of, precision_of
 from engine.metrics import MetricsLogger
 from engine.models import build_model, count_parameters, load_config, load_feature_extractor
 from engine.monitor import TrainMonitor, stash_grad_norm
@@ -95,39 +95,6 @@ def check_output_dir(args) -> None:
                        "pass --resume to continue it, or choose another --output_dir")
 
 
-def inherit_resume_stage(args, d: "Dist") -> None:
-    """--resume without --zero_stage or --deepspeed: keep the checkpoint's ZeRO stage. The default stage depends
-    on the number of GPUs (engine.ds_config.default_zero_stage) and a checkpoint loads only into its own stage."""
-    if args.resume is None or args.zero_stage is not None or deepspeed_config_path(args) is not None:
-        return
-    try:
-        where = ckpt.find_checkpoint(args.resume, args.output_dir)
-        stage = ckpt.read_meta(os.path.join(*where)).get("zero_stage") if where is not None else None
-    except Exception:  # noqa: BLE001 -- check_resume reports a missing or unreadable checkpoint
-        return
-    if stage in (0, 1, 2, 3):
-        args.zero_stage = int(stage)
-        if d.is_main:
-            print(f"--resume: ZeRO stage {stage}, as the checkpoint was written (pass --zero_stage to override)")
-
-
-def check_resume(args, config, ds_cfg, d: "Dist"):
-    """(load_dir, tag) of the checkpoint to resume from, or None; refuses flags that cannot continue it."""
-    if args.resume is None:
-        return None
-    where = ckpt.find_checkpoint(args.resume, args.output_dir)
-    if where is None:
-        return None
-    path = os.path.join(*where)
-    notes = compat.check_resume(ckpt.read_meta(path), compat.run_meta(
-        args, config, world_size=d.world_size, zero_stage=ds_cfg["zero_optimization"].get("stage", 0),
-        precision=precision_of(ds_cfg), offload=offload_of(ds_cfg)), path)
-    if d.is_main:
-        for note in notes:
-            print(f"--resume: note: {note}")
-    return where
-
-
 def check_hub_access(args) -> None:
     """Refuse --push_to_hub before training when the hub cannot be reached or the token is missing."""
     from huggingface_hub import HfApi
@@ -181,7 +148,7 @@ def setup(args):
                          flag="--config_name" if args.config_name else "--model_name_or_path")
     feature_extractor = load_feature_extractor(args.model_name_or_path or args.config_name, cache_dir=args.cache_dir)
     spec = MaskingSpec.from_args(args, config)
-    inherit_resume_stage(args, d)
+    compat.inherit_resume_stage(args, d.is_main)
     if args.gpu_memory_gb is not None:
         plan = memory_plan(args, config, d.world_size, d.device.type)
         if d.is_main:
@@ -190,7 +157,7 @@ def setup(args):
     resume_from = None
     if not args.preprocessing_only:
         check_output_dir(args)
-        resume_from = check_resume(args, config, ds_cfg, d)
+        resume_from = compat.resume_point(args, config, ds_cfg, d.world_size, d.is_main)
         if args.push_to_hub:
             check_hub_access(args)
     train_ds, eval_ds = build_datasets(args, feature_extractor.sampling_rate)

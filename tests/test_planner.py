@@ -4,7 +4,6 @@ from __future__ import annotations
 import argparse
 
 import pytest
-import torch
 from transformers import Wav2Vec2Config, Wav2Vec2ForPreTraining
 
 from engine import planner
