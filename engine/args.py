@@ -12,6 +12,8 @@ import os
 from transformers import SchedulerType
 
 from engine import data as data_module
+from engine.convs import CONV_IMPLS, POS_CONV_IMPLS
+from engine.fastpath import ATTENTION_MODES, COMPILE_SCOPES
 
 SCHEDULERS = ["linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup"]
 ZERO_STAGES = (0, 1, 2, 3)
@@ -134,18 +136,18 @@ def build_parser() -> argparse.ArgumentParser:
     o("--fast_forward", action=argparse.BooleanOptionalAction, default=True,
       help="Our sync-free pre-training forward (engine/fastpath.py: same losses and gradients as transformers', "
            "on the same modules and parameters); --no-fast_forward runs transformers' forward.")
-    o("--fast_attention", type=str, default="sdpa", choices=["sdpa", "sdpa-flash", "sdpa-cudnn", "eager", "varlen"],
-      help="Attention of the fast forward: sdpa (flash when a batch has no padding, else a key-padding mask), "
+    o("--fast_attention", type=str, default="sdpa", choices=ATTENTION_MODES,
+      help="Attention of the fast forward: sdpa (torch's choice: without padding a mask-free flash or cuDNN kernel, cuDNN on an H100 with torch 2.11; else a key-padding mask), "
            "sdpa-flash / sdpa-cudnn (flash / cuDNN attention first), eager, or varlen (padded batches packed to their real frames; "
            "flash varlen, torch>=2.10 on CUDA; needs attention_dropout 0 to apply in training).")
-    o("--conv_impl", type=str, default="cudnn-cl", choices=["cudnn-cl", "gemm", "cudnn"],
+    o("--conv_impl", type=str, default="cudnn-cl", choices=CONV_IMPLS,
       help="Feature encoder convolutions of the fast forward, all the same function: cudnn-cl (cuDNN on "
            "channels-last activations), gemm (one matrix multiplication per layer, channels-last; "
            "engine/convs.py) or cudnn (transformers' Conv1d modules).")
-    o("--pos_conv_impl", type=str, default="fft", choices=["fft", "cudnn"],
+    o("--pos_conv_impl", type=str, default="fft", choices=POS_CONV_IMPLS,
       help="Positional convolution (kernel 128, 16 groups) of the fast forward: fft (fp32, through the "
            "frequency domain, engine/convs.py) or cudnn (transformers' grouped Conv1d). Same function.")
-    o("--torch_compile", nargs="?", const="layers", default="none", choices=["none", "layers", "full"],
+    o("--torch_compile", nargs="?", const="layers", default="none", choices=COMPILE_SCOPES,
       help="torch.compile the fast forward: 'layers' (the conv encoder and one graph shared by all transformer "
            "layers; the default when the flag is bare) or 'full' (the whole forward). Not under ZeRO-3.")
     data_module.add_data_args(p)

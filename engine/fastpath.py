@@ -17,8 +17,8 @@ feed-forwards, layer norms, quantizer projection, project_hid/project_q), so sta
 
   * mask insertion and padding zeroing: `torch.where`;
   * encoder layers: the same residual/normalisation order as HF, with our own attention call
-    (`sdpa`: `F.scaled_dot_product_attention` with no mask when the batch has no padding, so that flash
-    attention runs, else a broadcast key-padding mask; `sdpa-cudnn` / `sdpa-flash`: the same, trying cuDNN /
+    (`sdpa`: `F.scaled_dot_product_attention` with no mask when the batch has no padding, so that a flash
+    kernel (flash or cuDNN attention) runs, else a broadcast key-padding mask; `sdpa-cudnn` / `sdpa-flash`: the same, trying cuDNN /
     flash attention first; `eager`: matmul-softmax-matmul; `varlen`: the padded batch is packed once into its real frames
     and every layer runs on them, attention through flash varlen attention);
   * quantizer lookup: one batched matmul (`einsum`), bitwise equal to HF's broadcast-and-sum;
@@ -277,22 +277,22 @@ def feature_encoder(model, input_values, compiled: bool = False, impl: str = "cu
     compiled: convolutions stay eager (cuDNN / cuBLAS) and only the memory-bound norm + GELU after each is
     compiled (one fused kernel per layer). Compiling through a strided conv makes inductor guard on the exact
     output length (`((S // 80 - 3) // 2) == 177`), i.e. one recompilation per distinct input length."""
-    gemm = impl in ("gemm", "cudnn-cl")                 # channels-last activations
-    h = input_values[:, :, None] if gemm else input_values[:, None]
-    norm_act = convs.norm_act_channels_last if gemm else _norm_act
+    channels_last = impl in ("gemm", "cudnn-cl")
+    h = input_values[:, :, None] if channels_last else input_values[:, None]
+    norm_act = convs.norm_act_channels_last if channels_last else _norm_act
     if compiled:
-        norm_act = (_compiled_fn(convs.norm_act_channels_last_fused, "norm_act_cl") if gemm
+        norm_act = (_compiled_fn(convs.norm_act_channels_last_fused, "norm_act_cl") if channels_last
                     else _compiled_fn(_norm_act, "norm_act"))
     for layer in model.wav2vec2.feature_extractor.conv_layers:
         checkpointed = getattr(layer, "gradient_checkpointing", False) and layer.training and torch.is_grad_enabled()
-        if gemm:
+        if channels_last:
             h = (checkpoint(_channels_last_layer, layer, h, impl, norm_act, use_reentrant=False) if checkpointed
                  else _channels_last_layer(layer, h, impl, norm_act))
         elif compiled and not checkpointed:
             h = norm_act(layer, layer.conv(h))
         else:
             h = layer(h)
-    return h if gemm else h.transpose(1, 2)
+    return h if channels_last else h.transpose(1, 2)
 
 
 def _channels_last_layer(layer, h, impl, norm_act):

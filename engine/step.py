@@ -50,11 +50,11 @@ class MaskingSpec:
                    mask_length=pick(args.mask_time_length, config.mask_time_length),
                    min_masks=args.mask_time_min_masks,
                    num_negatives=pick(args.num_negatives, config.num_negatives),
-                   fast_forward=getattr(args, "fast_forward", True),
-                   attention=getattr(args, "fast_attention", "sdpa"),
-                   torch_compile=getattr(args, "torch_compile", "none") or "none",
-                   conv_impl=getattr(args, "conv_impl", "cudnn-cl"),
-                   pos_conv_impl=getattr(args, "pos_conv_impl", "fft"))
+                   fast_forward=getattr(args, "fast_forward", cls.fast_forward),
+                   attention=getattr(args, "fast_attention", cls.attention),
+                   torch_compile=getattr(args, "torch_compile", cls.torch_compile) or cls.torch_compile,
+                   conv_impl=getattr(args, "conv_impl", cls.conv_impl),
+                   pos_conv_impl=getattr(args, "pos_conv_impl", cls.pos_conv_impl))
 
 
 _warned: set = set()
@@ -155,7 +155,7 @@ class PretrainStep:
             self.probe.arm(inputs["mask_time_indices"])
         if self.fast:
             fastpath.install(getattr(model, "module", model))
-            # No padding: no frame lengths and no mask, so that sdpa can pick flash attention.
+            # No padding: no frame lengths and no mask, so that sdpa can pick a flash kernel (flash or cuDNN attention).
             padded = inputs.get("padded", True)
             args = fastpath.FastPathArgs(attention=self.attention, compile=self.compile,
                                          frame_lengths=inputs["frame_lengths"] if padded else None,

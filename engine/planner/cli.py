@@ -10,7 +10,7 @@ from dataclasses import replace
 
 from engine.planner.activations import calibrate
 from engine.planner.common import OFFLOADS, PRECISIONS
-from engine.planner.policy import PlanError, plan
+from engine.planner.policy import PlanError, plan, runs_fast_forward
 from engine.planner.result import Plan
 from engine.planner.throughput import Throughput
 
@@ -90,9 +90,4 @@ def _plan_cli(args) -> Plan:
                 gradient_accumulation_steps=args.gradient_accumulation_steps,
                 attn_implementation=args.attn_implementation, zero_stage=args.zero_stage, offload=args.offload,
                 min_gpu_seconds_per_step=args.min_gpu_seconds_per_step, throughput=tp, name=args.model,
-                fast_forward=args.fast_forward and _fast_supported(config))
-
-
-def _fast_supported(config) -> bool:
-    from engine.fastpath import unsupported_reason
-    return unsupported_reason(config) is None
+                fast_forward=runs_fast_forward(args.fast_forward, config))

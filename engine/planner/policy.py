@@ -329,13 +329,14 @@ def plan_from_args(args, config, world_size: int, *, precision: str | None = Non
         padded=not get("crop_to_shortest", False),
         zero_stage=zero_stage, offload=None if offload in (None, "auto") else offload,
         zero_config=zero_config, name=get("model_name_or_path") or get("config_name"),
-        fast_forward=_runs_fast_forward(args, config),
+        fast_forward=runs_fast_forward(getattr(args, "fast_forward", True), config),
     )
 
 
-def _runs_fast_forward(args, config) -> bool:
-    """Whether the step will run engine/fastpath.py (its activation memory differs from transformers')."""
-    if not getattr(args, "fast_forward", True):
+def runs_fast_forward(requested: bool, config) -> bool:
+    """Whether the step will run engine/fastpath.py (its activation memory differs from transformers'): asked
+    for (--fast_forward) and the config supported (engine.step falls back to transformers' forward otherwise)."""
+    if not requested:
         return False
     from engine.fastpath import unsupported_reason
     return unsupported_reason(config) is None
