@@ -141,6 +141,8 @@ def run_one(args, model_name: str, which: str) -> dict:
                                             "est_states_gib", "est_act_gib", "est_audio_per_s")})
     cuda = args.device == "cuda"
     if cuda:
+        from engine.trainer import configure_allocator
+        configure_allocator()
         total = torch.cuda.get_device_properties(0).total_memory
         torch.cuda.set_per_process_memory_fraction(min(1.0, args.cap_gb * GIB / total))
         row["gpu"] = torch.cuda.get_device_name(0)

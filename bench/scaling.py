@@ -36,7 +36,8 @@ def run(model: str, gpus: int, gas: int, a, out: str, extra=()) -> dict:
            os.path.join(ROOT, "pretrain.py"), "--model_name_or_path", model, "--train_dir", a.train_dir,
            "--output_dir", out, "--max_train_steps", str(a.steps), "--logging_steps", "1",
            "--saving_steps", "100000", "--per_device_train_batch_size", str(a.batch), "--gradient_accumulation_steps",
-           str(gas), "--learning_rate", "5e-4", "--num_warmup_steps", "5", "--min_duration_in_seconds", "2",
+           str(gas), "--learning_rate", str(a.lr.get(model, a.lr["*"])), "--num_warmup_steps", str(a.warmup),
+           "--min_duration_in_seconds", "2",
            "--max_duration_in_seconds", "20", "--validation_split_percentage", "0", "--zero_stage", "2",
            "--precision", "bf16", "--dataloader_num_workers", "6", "--seed", "0", *a.engine_flags.split(), *extra]
     t0 = time.time()
@@ -52,7 +53,8 @@ def run(model: str, gpus: int, gas: int, a, out: str, extra=()) -> dict:
     steady = train[a.skip:]
     aud = sum(r["audio_s_per_s"] for r in steady) / max(len(steady), 1)
     return {"ok": True, "wall_s": wall, "audio_s_per_s": aud, "losses": [r["loss"] for r in train],
-            "peak_gib": max((r.get("gpu_mem_peak_gib", 0) for r in train), default=0)}
+            "peak_gib": max((r.get("gpu_mem_peak_gib", 0) for r in train), default=0),
+            "perplexity": train[-1].get("codevector_perplexity")}
 
 
 def main(argv=None):
@@ -64,6 +66,10 @@ def main(argv=None):
     p.add_argument("--batch", type=int, default=8, help="utterances per GPU per micro-batch")
     p.add_argument("--corpus", default="/tmp/w2v_scaling_corpus")
     p.add_argument("--num_files", type=int, default=800)
+    p.add_argument("--learning_rate", default="base=5e-4,*=1e-4",
+                   help="peak learning rate per model (model=lr,...; * for the others). large collapses "
+                        "(codevector perplexity -> 2) at 5e-4 with a few warm-up steps")
+    p.add_argument("--warmup", type=int, default=10, help="--num_warmup_steps of every run")
     p.add_argument("--engine_flags", default="", help="extra pretrain.py flags for every run")
     p.add_argument("--zero3_model", default=None, help="also run ZeRO-3 on --gpus GPUs for this model")
     p.add_argument("--cap_gb", type=float, default=16.0)
@@ -71,6 +77,8 @@ def main(argv=None):
     p.add_argument("--out", default="/tmp/w2v_scaling")
     p.add_argument("--json", default=None)
     a = p.parse_args(argv)
+    a.lr = dict(kv.split("=", 1) for kv in a.learning_rate.split(","))
+    a.lr.setdefault("*", "1e-4")
     a.train_dir = corpus(a.corpus, a.num_files, 16)
     rows, results = [], {}
     for model in a.models.split(","):
@@ -83,7 +91,7 @@ def main(argv=None):
             rel = [abs(x - y) / abs(x) for x, y in zip(one["losses"][:n], many["losses"][:n])]
             rows.append(f"| {model} | {one['audio_s_per_s']:.0f} | {many['audio_s_per_s']:.0f} | {eff:.1%} | "
                         f"{one['losses'][-1]:.4f} | {many['losses'][-1]:.4f} | {max(rel):.2%} | "
-                        f"{one['peak_gib']:.1f} / {many['peak_gib']:.1f} |")
+                        f"{one['peak_gib']:.1f} / {many['peak_gib']:.1f} | {one['perplexity']:.0f} / {many['perplexity']:.0f} |")
         else:
             bad = one if not one["ok"] else many
             rows.append(f"| {model} | failed: {bad['tail'][-300:]!r} |")
@@ -99,8 +107,8 @@ def main(argv=None):
         with open(a.json, "w") as fh:
             json.dump(results, fh, indent=1)
     print(f"\n| model | audio-s/s 1 GPU | audio-s/s {a.gpus} GPUs | efficiency | loss@{a.steps} 1 GPU (acc {a.gpus}) "
-          f"| loss@{a.steps} {a.gpus} GPUs | max rel. loss diff | peak GiB 1/{a.gpus} |")
-    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
+          f"| loss@{a.steps} {a.gpus} GPUs | max rel. loss diff | peak GiB 1/{a.gpus} | codevector ppl 1/{a.gpus} |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     print("\n".join(rows))
 
 

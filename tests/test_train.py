@@ -1,4 +1,5 @@
 """End-to-end training on CPU: every ZeRO stage in fp32 and bf16, export, resume basics."""
+import os
 import pytest
 import torch
 
@@ -116,3 +117,14 @@ def test_resume_continues_from_the_last_checkpoint(corpus_dir, tmp_path):
         run(corpus_dir, tmp_path, "--max_train_steps", "6")
     logs = run(corpus_dir, tmp_path, "--max_train_steps", "6", "--resume")
     assert [r["step"] for r in logs][-2:] == [5, 6]
+
+
+def test_configure_allocator_defaults_to_expandable_segments_but_keeps_the_users(monkeypatch):
+    from engine.trainer import configure_allocator
+    monkeypatch.delenv("PYTORCH_CUDA_ALLOC_CONF", raising=False)
+    monkeypatch.delenv("PYTORCH_ALLOC_CONF", raising=False)
+    configure_allocator()
+    assert os.environ["PYTORCH_CUDA_ALLOC_CONF"] == "expandable_segments:True"
+    monkeypatch.setenv("PYTORCH_CUDA_ALLOC_CONF", "max_split_size_mb:128")
+    configure_allocator()
+    assert os.environ["PYTORCH_CUDA_ALLOC_CONF"] == "max_split_size_mb:128"
