@@ -9,15 +9,22 @@ from engine.planner.facts import ModelFacts
 
 # Rough throughput model (H100-class defaults; override with --gpu_tflops etc.). Only used to rank
 # plans within an offload tier, to size gradient accumulation under offload and to print estimates.
+# Calibrated on an H100 capped at 16 GiB (bench/RESULTS.md run 6, the engine's step, 16 host cores): micro-steps of
+# the planner's choices for large (ZeRO-0, 4 x 20 s), XLS-R 1B (ZeRO-1 + optimizer offload, 3 x 20 s) and 2B (ZeRO-1
+# + optimizer offload + checkpointing, 4 x 20 s) within 10 % (2B's ZeRO-2 runner-up at 14 x 20 s: estimate 26 %
+# slow), their CPU optimizer steps within 10 %. The sustained rate grows
+# with the hidden size (wider matmuls, fewer small kernels per FLOP): 180 TFLOP/s at 1024 (large) to ~340 at 1920
+# (2B) measured. Not calibrated: ZeRO-3's gathers (measured ~10x the estimate for large at 2 x 20 s).
 @dataclass(frozen=True)
 class Throughput:
-    gpu_tflops: float = 100.0          # sustained bf16/fp16 training FLOP/s (x1e12) at large micro-batches
+    gpu_tflops: float = 180.0          # sustained bf16/fp16 training FLOP/s (x1e12) of a hidden-1024 model
+    reference_hidden: int = 1024       # gpu_tflops scales with hidden / reference_hidden (at most 2x)
     fp32_tflops: float = 25.0          # same for fp32 training
     half_efficiency_frames: int = 400  # micro-batch frames at which the GPU reaches half of gpu_tflops
     pcie_gbps: float = 20.0            # pinned host<->device copy bandwidth per GPU (GB/s)
     collective_gbps: float = 100.0     # NCCL bus bandwidth per GPU within a node (GB/s)
     comm_overlap: float = 0.7          # fraction of per-micro-step communication hidden behind compute
-    cpu_adam_params_per_s: float = 1.0e9  # DeepSpeedCPUAdam throughput per node (params/s)
+    cpu_adam_params_per_s: float = 1.7e9  # DeepSpeedCPUAdam throughput per node (params/s; 16 cores measured)
     hbm_gbps: float = 2000.0           # GPU memory bandwidth for the fused Adam step (GB/s)
 
 
@@ -58,7 +65,7 @@ def estimate_step(facts: ModelFacts, *, stage: int, offload: str, checkpointing:
     flops = micro_utts * ((4.0 if checkpointing else 3.0) * ckptable + 3.0 * rest)
     frames = micro_utts * facts.frames(int(seconds * SAMPLING_RATE))
     eff = frames / (frames + tp.half_efficiency_frames)
-    tflops = tp.fp32_tflops if precision == "fp32" else tp.gpu_tflops
+    tflops = (tp.fp32_tflops if precision == "fp32" else tp.gpu_tflops) * min(2.0, facts.hidden / tp.reference_hidden)
     t_compute = flops / (tflops * 1e12 * eff)
     ring = (N - 1) / N if N > 1 else 0.0
     coll = tp.collective_gbps * 1e9
