@@ -21,7 +21,7 @@ for s in "$@"; do case $s in
            --min_duration_in_seconds 2 --max_duration_in_seconds 20 --validation_split_percentage 2 --learning_rate 5e-4 \
            --dataloader_num_workers 6 ;;
   corpus) stage corpus 200 python3 -c "import sys; sys.argv=['x']; sys.path.insert(0,'bench'); from scaling import corpus; print(corpus('/tmp/w2v_scaling_corpus', 800, 16))" ;;
-  scaling) wait_ops; stage scaling ${SCALING_LIMIT:-420} python3 bench/scaling.py --gpus 2 --models ${SCALING_MODELS:-base} --steps 25 ${SCALING_FLAGS:-} --json "$OUT/scaling.json" ;;
+  scaling) wait_ops; eval "stage scaling ${SCALING_LIMIT:-420} python3 bench/scaling.py --gpus 2 --models ${SCALING_MODELS:-base} --steps 25 ${SCALING_FLAGS:-} --json $OUT/scaling.json" ;;  # eval: quoted --engine_flags
   throughput) wait_ops; stage throughput 480 python3 bench/throughput.py ${THROUGHPUT_FLAGS:-} --json "$OUT/throughput.json" ;;
   profile) stage profile ${PROFILE_LIMIT:-300} python3 bench/profile_step.py ${PROFILE_FLAGS:-} ;;
   memory) wait_ops; stage memory ${MEMORY_LIMIT:-540} python3 bench/memory.py ${MEMORY_FLAGS:-} ;;
