@@ -1,5 +1,6 @@
 """engine/ds_patches.py: DeepSpeed's overflow check of ZeRO-0 (bf16) reads the host once, not once per parameter,
-and gives the same answer (finite gradients: step taken; a NaN in one parameter: step skipped)."""
+and gives the same answer (finite gradients: step taken; a NaN in one parameter: step skipped); the patched
+FP16_Optimizer step equals DeepSpeed's bit for bit with a fixed handful of ops."""
 import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -9,15 +10,27 @@ from engine import ds_patches
 from engine.args import parse_args
 
 
-class _HostReads(TorchDispatchMode):
-    def __init__(self):
+class _OpCount(TorchDispatchMode):
+    """Counts the dispatched ops whose name `counts` accepts."""
+    HOST_READS = ("_local_scalar_dense", "is_nonzero")
+    FREE = ("detach", "view", "slice", "select", "alias", "lift_fresh", "_record_function_enter_new",
+            "_record_function_exit")   # views and bookkeeping: no kernel launch on a GPU
+
+    def __init__(self, counts):
         super().__init__()
-        self.count = 0
+        self.counts, self.count = counts, 0
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if func.__name__.split(".")[0] in ("_local_scalar_dense", "is_nonzero"):
-            self.count += 1
+        self.count += bool(self.counts(func.__name__.split(".")[0]))
         return func(*args, **(kwargs or {}))
+
+
+def _host_reads() -> _OpCount:
+    return _OpCount(lambda name: name in _OpCount.HOST_READS)
+
+
+def _computing_ops() -> _OpCount:
+    return _OpCount(lambda name: name not in _OpCount.FREE)
 
 
 def _engine(corpus_dir):
@@ -42,7 +55,7 @@ def _overflow_reads(engine, poison: bool):
         p.grad = torch.ones_like(p)
     if poison:
         params[len(params) // 2].grad.view(-1)[3] = float("nan")
-    with _HostReads() as reads:
+    with _host_reads() as reads:
         answer = checker.has_overflow_serial(params)
     return answer, reads.count, len(params)
 
@@ -56,7 +69,7 @@ def test_one_host_read_and_the_same_answer(corpus_dir, poison):
     from deepspeed.runtime.utils import CheckOverflow
     original = CheckOverflow._w2v_original_has_overflow_serial
     params = list(engine.module.parameters())
-    with _HostReads() as slow:
+    with _host_reads() as slow:
         assert original(engine.optimizer.overflow_checker, params) is poison
     assert slow.count >= (n // 2 if poison else n) > 10       # the unpatched check reads once per parameter
 
@@ -92,20 +105,6 @@ def _set_grads(model, seed: int, scale: float, poison: bool = False):
         params[5].grad.view(-1)[0] = float("inf")
 
 
-class _Ops(TorchDispatchMode):
-    """Counts the ops that compute (a kernel launch each on a GPU); views and bookkeeping are free."""
-    FREE = ("detach", "view", "slice", "select", "alias", "lift_fresh", "_record_function_enter_new",
-            "_record_function_exit")
-
-    def __init__(self):
-        super().__init__()
-        self.count = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.count += func.__name__.split(".")[0] not in self.FREE
-        return func(*args, **(kwargs or {}))
-
-
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_fast_step_equals_deepspeeds_step(dtype):
     """The patched FP16_Optimizer.step gives bit-identical bf16 parameters, fp32 master weights and gradient norm to
@@ -119,9 +118,9 @@ def test_fast_step_equals_deepspeeds_step(dtype):
     for step, (scale, poison) in enumerate([(1e-3, False), (10.0, False), (1.0, True), (1e-2, False)]):
         for m in (m_ours, m_ref):
             _set_grads(m, step, scale, poison)
-        with _Ops() as fast:
+        with _computing_ops() as fast:
             skipped = ours.step()
-        with _Ops() as slow:
+        with _computing_ops() as slow:
             skipped_ref = FP16_Optimizer._w2v_original_step(ref)
         assert skipped == skipped_ref == poison
         assert ours._global_grad_norm == ref._global_grad_norm

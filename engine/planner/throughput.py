@@ -12,9 +12,9 @@ from engine.planner.facts import ModelFacts
 # Calibrated on an H100 capped at 16 GiB (bench/RESULTS.md run 6, the engine's step, 16 host cores): micro-steps of
 # the planner's choices for large (ZeRO-0, 4 x 20 s), XLS-R 1B (ZeRO-1 + optimizer offload, 3 x 20 s) and 2B (ZeRO-1
 # + optimizer offload + checkpointing, 4 x 20 s) within 10 % (2B's ZeRO-2 runner-up at 14 x 20 s: estimate 26 %
-# slow), their CPU optimizer steps within 10 %. The sustained rate grows
-# with the hidden size (wider matmuls, fewer small kernels per FLOP): 180 TFLOP/s at 1024 (large) to ~340 at 1920
-# (2B) measured. Not calibrated: ZeRO-3's gathers (measured ~10x the estimate for large at 2 x 20 s).
+# slow), their CPU optimizer steps within 10 %. The sustained rate grows with the hidden size (wider matmuls, fewer
+# small kernels per FLOP): 180 TFLOP/s at 1024 (large) to ~340 at 1920 (2B) measured. Not calibrated: ZeRO-3's
+# gathers (measured ~10x the estimate for large at 2 x 20 s).
 @dataclass(frozen=True)
 class Throughput:
     gpu_tflops: float = 180.0          # sustained bf16/fp16 training FLOP/s (x1e12) of a hidden-1024 model
